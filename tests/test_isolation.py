@@ -1,0 +1,128 @@
+"""No side effects: every estimate leaves the model, RNG streams and gradients bit for bit as found."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lr_batch_callback import hessian_eigenvalues, spectral_density
+from tests.models import ce_loss, classification_batch
+
+
+class BNDropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 12)
+        self.bn = nn.BatchNorm1d(12)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def _assert_same(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    assert before["modes"] == after["modes"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
+    for a, b in zip(before["grad_values"], after["grad_values"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert before["python_rng"] == after["python_rng"]
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
+
+
+def _model_with_state() -> nn.Module:
+    torch.manual_seed(0)
+    model = BNDropoutNet().double()
+    model.train()
+    model(torch.randn(16, 5, dtype=torch.float64))  # non-trivial running statistics
+    model.head.eval()  # a mixed-mode model: each submodule's flag must come back as it was
+    model.fc1.weight.requires_grad_(False)
+    model.bn.weight.grad = torch.ones_like(model.bn.weight)
+    return model
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_estimates_leave_no_trace(curvature: str) -> None:
+    model = _model_with_state()
+    batch = classification_batch("mlp_tanh")
+    before = _snapshot(model)
+    hessian_eigenvalues(model, ce_loss, batch, k=2, which="both", curvature=curvature)
+    spectral_density(model, ce_loss, batch, num_probes=3, num_steps=5, curvature=curvature)
+    hessian_eigenvalues(model, ce_loss, batch, keep_graphs=False, curvature=curvature, seed=0)
+    _assert_same(model, before)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_state_restored_when_the_estimate_is_interrupted(error: BaseException) -> None:
+    model = _model_with_state()
+    batch = classification_batch("mlp_tanh")
+    before = _snapshot(model)
+    calls = {"n": 0}
+
+    def failing_loss(m: nn.Module, b):
+        calls["n"] += 1
+        loss = ce_loss(m, b)  # runs the forward: BN statistics and RNG move
+        if calls["n"] == 2:
+            raise error
+        return loss
+
+    with pytest.raises(type(error)):  # fails while building the second batch's graph
+        hessian_eigenvalues(model, failing_loss, batches=[batch, batch])
+    calls["n"] = -1  # construction makes calls 0 and 1; the first product's rebuild raises
+    with pytest.raises(type(error)):  # fails inside a product (graphs rebuilt per product)
+        hessian_eigenvalues(model, failing_loss, batches=[batch, batch], keep_graphs=False)
+    _assert_same(model, before)
+
+
+def test_estimate_runs_in_parameter_precision_outside_autocast() -> None:
+    model = nn.Linear(5, 3)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    seen = []
+
+    def loss_fn(m, b):
+        out = m(b[0])
+        seen.append(out.dtype)
+        return nn.functional.cross_entropy(out, b[1])
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hessian_eigenvalues(model, loss_fn, (x, y), seed=0)
+    assert seen == [torch.float32]
+
+
+def test_inference_mode_caller_is_supported() -> None:
+    model = nn.Linear(5, 3)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with torch.inference_mode():
+        res = hessian_eigenvalues(model, ce_loss, (x, y), seed=0)
+    assert res.converged and torch.is_inference_mode_enabled() is False
+
+
+def test_non_finite_loss_raises_and_restores() -> None:
+    model = _model_with_state()
+    batch = classification_batch("mlp_tanh")
+    before = _snapshot(model)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        hessian_eigenvalues(model, lambda m, b: ce_loss(m, b) * float("nan"), batch)
+    _assert_same(model, before)

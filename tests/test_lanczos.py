@@ -1,0 +1,143 @@
+"""Lanczos eigenvalues against dense eigvalsh of dense references."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lr_batch_callback import hessian_eigenvalues
+from lr_batch_callback.lanczos import lanczos
+from lr_batch_callback.operators import CurvatureOperator
+from tests.models import ce_loss, classification_batch, make
+from tests.reference import dense_ggn, dense_hessian
+
+
+class MatrixOperator(CurvatureOperator):
+    """A dense symmetric matrix as an operator (for tests of Lanczos itself)."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__([A[0]])
+        self.A = A
+
+    def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return V @ self.A
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_bn", "dropout", "frozen"])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_top3_and_bottom_match_dense_float64(name: str, curvature: str) -> None:
+    model = make(name)
+    x, y = classification_batch(name)
+    torch.manual_seed(7)
+    if curvature == "hessian":
+        M = dense_hessian(model, ce_loss, (x, y))
+    else:
+        M = dense_ggn(model, lambda f: F.cross_entropy(f, y), x)
+    exact = torch.linalg.eigvalsh(M)
+    torch.manual_seed(7)
+    res = hessian_eigenvalues(model, ce_loss, (x, y), k=3, which="both", curvature=curvature,
+                              tol=1e-9, seed=1)
+    assert res.converged
+    top, bottom = res.eigenvalues[:3], res.eigenvalues[-1]
+    assert _relative(top, exact[-3:].flip(0)) < 1e-5
+    scale = exact.abs().max()
+    assert abs(bottom - exact[0]) <= 1e-5 * max(abs(exact[0]), 1e-3 * scale)
+    assert torch.all(res.eigenvalues[:-1] >= res.eigenvalues[1:])  # largest first
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_bn"])
+def test_top3_float32_within_1e3(name: str) -> None:
+    model64 = make(name)
+    x, y = classification_batch(name)
+    exact = torch.linalg.eigvalsh(dense_hessian(model64, ce_loss, (x, y)))
+    model32 = make(name, dtype=torch.float32)
+    res = hessian_eigenvalues(model32, ce_loss, (x.float(), y), k=3, tol=1e-5, seed=0)
+    assert _relative(res.eigenvalues, exact[-3:].flip(0)) < 1e-3
+
+
+def test_smallest_only() -> None:
+    model = make("mlp_tanh")
+    batch = classification_batch("mlp_tanh")
+    exact = torch.linalg.eigvalsh(dense_hessian(model, ce_loss, batch))
+    res = hessian_eigenvalues(model, ce_loss, batch, k=2, which="smallest", tol=1e-10, seed=0)
+    torch.testing.assert_close(res.eigenvalues, exact[:2].flip(0), rtol=1e-6, atol=1e-9)
+
+
+def test_eigenvectors_are_eigenvectors() -> None:
+    A = torch.diag(torch.linspace(-1, 5, 60, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+    A = Q @ A @ Q.T
+    res = lanczos(MatrixOperator(A), k=2, tol=1e-10, seed=0, return_eigenvectors=True)
+    for lam, v in zip(res.eigenvalues, res.eigenvectors):
+        torch.testing.assert_close(A @ v, lam.item() * v, rtol=0, atol=1e-7)
+
+
+def test_warm_start_with_exact_eigenvector_continues_after_breakdown() -> None:
+    d = torch.arange(1.0, 41.0, dtype=torch.float64)
+    op = MatrixOperator(torch.diag(d))
+    v0 = torch.zeros(40, dtype=torch.float64)
+    v0[10] = 1.0  # an eigenvector of a non-extremal eigenvalue: the Krylov space is invariant
+    res = lanczos(op, k=2, v0=v0, tol=1e-10, seed=0)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([40.0, 39.0], dtype=torch.float64))
+    assert res.converged
+
+
+def test_warm_start_from_top_vector_converges_in_few_products() -> None:
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(0, 1, 200, dtype=torch.float64) ** 4 * 10) @ Q.T
+    cold = lanczos(MatrixOperator(A), k=1, tol=1e-6, seed=0, return_eigenvectors=True)
+    warm = lanczos(MatrixOperator(A), k=1, tol=1e-6, seed=0, v0=cold.eigenvectors[0])
+    assert warm.num_products < cold.num_products
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-6, atol=0)
+
+
+def test_unconverged_run_says_so() -> None:
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(0, 1, 300, dtype=torch.float64)) @ Q.T
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        res = lanczos(MatrixOperator(A), k=1, tol=1e-12, max_iter=5, seed=0)
+    assert not res.converged and res.num_products == 5
+
+
+def test_no_two_step_trap() -> None:
+    """hessian-eigenthings' k=1 default ran 2 steps and returned 0.116 for a true 2.694."""
+    Q, _ = torch.linalg.qr(torch.randn(500, 500, dtype=torch.float64))
+    ev = torch.linspace(-0.5, 2.694, 500, dtype=torch.float64)
+    A = Q @ torch.diag(ev) @ Q.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = lanczos(MatrixOperator(A), k=1, seed=0)
+    assert res.converged
+    assert abs(res.eigenvalues[0].item() - 2.694) < 2.694 * 1e-4
+
+
+def test_check_every_gives_same_answer() -> None:
+    Q, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(-2, 3, 100, dtype=torch.float64)) @ Q.T
+    a = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, check_every=1)
+    b = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, check_every=5)
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=0)
+    assert b.num_products % 5 == 0 or b.num_products == 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be a positive integer"),
+        ({"k": 11}, "only 10 dimensions"),
+        ({"tol": 0.0}, "tol must be a positive"),
+        ({"tol": -1e-3}, "tol must be a positive"),
+        ({"which": "middle"}, "which must be one of"),
+        ({"max_iter": 0}, "max_iter must be"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lanczos(MatrixOperator(torch.eye(10, dtype=torch.float64)), **kwargs)
