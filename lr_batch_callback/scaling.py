@@ -102,12 +102,13 @@ def _check_batch_size(value: object, name: str) -> int:
         size = int(value)
     elif isinstance(value, numbers.Real):
         # Integral floats (e.g. 256.0 from a YAML file or a division) are accepted.
-        if not math.isfinite(float(value)) or not float(value).is_integer():
+        as_float = float(value)
+        if not math.isfinite(as_float) or not as_float.is_integer():
             raise ValueError(
                 f"{name} must be an integer >= 1, got {value!r}; a batch size counts samples, "
                 "so round it to a whole number."
             )
-        size = int(value)
+        size = int(as_float)
     else:
         raise TypeError(
             f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}; "
