@@ -105,7 +105,7 @@ class BatchSizeLRCallback(Callback):
         density_probes: probe vectors of each density estimate.
         density_steps: Lanczos steps per probe of each density estimate.
         max_overhead: skip measurements that would take more than this fraction of training
-            wall time (skips are logged).
+            wall time (skips are logged); ``None``: no budget.
         loss_fn: ``loss_fn(module, batch) -> scalar`` for the measurements. Default: the
             module's ``curvature_loss(batch)`` method if it has one, else its ``training_step``
             output with logging silenced (with a one-time warning).
@@ -135,7 +135,7 @@ class BatchSizeLRCallback(Callback):
         density_every: int = 4,
         density_probes: int = 4,
         density_steps: int = 20,
-        max_overhead: float = 0.05,
+        max_overhead: float | None = 0.05,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         law_samples: int = 512,
         law_draws: int = 3,
@@ -161,9 +161,11 @@ class BatchSizeLRCallback(Callback):
                             ("density_steps", density_steps), ("law_draws", law_draws)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        if not (isinstance(max_overhead, (int, float)) and 0 < max_overhead <= 1):
+        if max_overhead is not None and not (
+                isinstance(max_overhead, (int, float)) and 0 < max_overhead <= 1):
             raise ValueError(
-                f"max_overhead must be a fraction in (0, 1], got {max_overhead!r}; e.g. 0.05 for 5%."
+                f"max_overhead must be a fraction in (0, 1] or None (no budget), got "
+                f"{max_overhead!r}; e.g. 0.05 for 5%."
             )
         if isinstance(law_samples, bool) or not isinstance(law_samples, int) or law_samples < 16:
             raise ValueError(f"law_samples must be an integer >= 16, got {law_samples!r}.")

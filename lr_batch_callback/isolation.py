@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,9 @@ def _autocast_off(device_types: set[str]) -> contextlib.ExitStack:
 
 
 def _eager_stance() -> contextlib.AbstractContextManager[Any]:
+    if "torch._dynamo" not in sys.modules:
+        # Nothing was compiled, and importing dynamo just to say so costs seconds.
+        return contextlib.nullcontext()
     set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
     if set_stance is None:  # torch < 2.6: nothing to do, compiled modules raise and are reported
         return contextlib.nullcontext()

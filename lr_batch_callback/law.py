@@ -396,12 +396,21 @@ def fit_batch_size_law(
     r"""Least-squares fit of :math:`\lambda(B) = a + c\,x` with :math:`x = 1/B - 1/N`.
 
     Ordinary least squares on the centred regressor (exact for noiseless data):
-    :math:`c = \sum (x_i-\bar x)(y_i-\bar y) / S_{xx}`, :math:`a = \bar y - c\bar x`. With
-    :math:`s^2 = \mathrm{RSS}/(n-2)` the standard errors are :math:`\mathrm{se}(c) =
-    \sqrt{s^2/S_{xx}}` and :math:`\mathrm{se}(a) = \sqrt{s^2(1/n + \bar x^2/S_{xx})}`; and
+    :math:`c = \sum (x_i-\bar x)(y_i-\bar y) / S_{xx}`, :math:`a = \bar y - c\bar x`, and
     :math:`R^2 = 1 - \mathrm{RSS}/\mathrm{TSS}` (1 when every eigenvalue is the same). Several draws
     at one batch size are several observations: pass each separately, so that their scatter
-    enters the residual variance.
+    enters the error estimates.
+
+    Standard errors come from the residuals, but not through one pooled residual variance: the
+    scatter of a batch's top eigenvalue grows with its noise (about like :math:`\sqrt{x}` in the
+    BBP regime), so the small batches that determine :math:`c` are the noisiest, and the classical
+    :math:`\sqrt{s^2/S_{xx}}` understates :math:`\mathrm{se}(c)` (by 2x on the spiked-Wigner test
+    problem) while overstating :math:`\mathrm{se}(a)`. Both estimates are linear in the data,
+    :math:`\hat\beta = \sum_i w_i y_i`, so the heteroscedasticity-consistent (HC3) variance
+    :math:`\sum_i w_i^2 r_i^2/(1-h_i)^2` is used, with :math:`r_i` the residuals and
+    :math:`h_i = 1/n + (x_i-\bar x)^2/S_{xx}` the leverages. When some observation has leverage 1
+    (its residual is then zero whatever its noise, e.g. a single draw at one of only two batch
+    sizes) HC3 says nothing and the classical :math:`s^2 = \mathrm{RSS}/(n-2)` is used instead.
 
     Args:
         batch_sizes: :math:`B_i \ge 1`, one per observation.
@@ -465,13 +474,20 @@ def fit_batch_size_law(
     residuals = values - (intercept + slope * x)
     rss = float(residuals @ residuals)
     tss = float(dy @ dy)
-    residual_variance = rss / (n - 2)
+    # a and c as weighted sums of the observations, for the sandwich variance below.
+    slope_weights = dx / sxx
+    intercept_weights = 1.0 / n - x_mean * slope_weights
+    leverage = 1.0 / n + dx * slope_weights
+    if np.all(leverage < 1.0 - 1e-9):
+        observation_variance = residuals**2 / (1.0 - leverage) ** 2  # HC3
+    else:
+        observation_variance = np.full(n, rss / (n - 2))
     return BatchSizeLaw(
         lambda_emp=intercept,
         noise_coefficient=slope,
         dataset_size=population,
-        lambda_emp_stderr=math.sqrt(residual_variance * (1.0 / n + x_mean**2 / sxx)),
-        noise_coefficient_stderr=math.sqrt(residual_variance / sxx),
+        lambda_emp_stderr=math.sqrt(float(intercept_weights**2 @ observation_variance)),
+        noise_coefficient_stderr=math.sqrt(float(slope_weights**2 @ observation_variance)),
         r_squared=1.0 - rss / tss if tss > 0 else 1.0,
         batch_sizes=tuple(sizes.tolist()),
         eigenvalues=tuple(values.tolist()),

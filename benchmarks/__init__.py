@@ -1,0 +1,1 @@
+"""Benchmarks of lr_batch_callback against its peers; run ``python benchmarks/run.py``."""
