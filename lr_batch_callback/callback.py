@@ -69,6 +69,14 @@ def _loader_batch_size(loader: Any) -> int | None:
     return int(size) if isinstance(size, int) and size > 0 else None
 
 
+def _rule_name(rule: Any) -> str:
+    if isinstance(rule, list):
+        return "[" + ",".join(_rule_name(r) for r in rule) + "]"
+    if isinstance(rule, str):
+        return rule
+    return str(getattr(rule, "__qualname__", type(rule).__qualname__))
+
+
 def effective_batch_size(per_device: int, accumulate_grad_batches: int, world_size: int) -> int:
     """Samples per optimizer step: per-device batch × gradient accumulation × devices."""
     return int(per_device) * int(accumulate_grad_batches) * int(world_size)
@@ -206,7 +214,8 @@ class BatchSizeLRCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(rule=str(self.rule))
+        # Stable across runs (a lambda's repr holds its address), so checkpoints restore.
+        return self._generate_state_key(rule=_rule_name(self.rule))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -119,8 +119,9 @@ class BatchSizeLaw:
         noise_coefficient: :math:`c = P\sigma^2/\lambda_1`, the weight of the sampling noise.
         dataset_size: :math:`N`, the number of training samples; ``None`` for an infinite data
             set (:math:`1/N = 0`).
-        lambda_emp_stderr: standard error of :math:`a` from the fit's residual variance.
-        noise_coefficient_stderr: standard error of :math:`c`.
+        lambda_emp_stderr: standard error of :math:`a`, from the fit's residuals
+            (heteroscedasticity-consistent, see :func:`fit_batch_size_law`).
+        noise_coefficient_stderr: standard error of :math:`c`, likewise.
         r_squared: coefficient of determination of the fit (1 for an exact law).
         batch_sizes: the batch size of each observation fitted.
         eigenvalues: the top eigenvalue measured at each of those batch sizes.
@@ -586,7 +587,11 @@ def _check_batch_sizes(batch_sizes: Sequence[int] | None, n: int) -> list[int]:
         return _default_batch_sizes(n)
     out = set()
     for size in batch_sizes:
-        if isinstance(size, bool) or not float(size).is_integer() or not 1 <= size <= n:
+        try:
+            whole = not isinstance(size, bool) and float(size).is_integer()
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or not 1 <= size <= n:
             raise ValueError(
                 f"Every sub-batch size must be an integer in [1, {n}] (the batch's size), got "
                 f"{size!r}. Sub-batches are drawn from the batch passed in; pass a larger batch "
