@@ -164,13 +164,19 @@ class _BatchedCurvature(CurvatureOperator):
         # Replaying the RNG state before each rebuild fixes dropout masks across products.
         self._rng_states: list[tuple[Tensor, Tensor | None]] = []
         self._graphs: list[Any] = []
-        for batch in self.batches:
-            self._rng_states.append(self._capture_rng())
-            graph = self._agree(lambda b=batch: self._build(b))
-            if keep_graphs:
-                self._graphs.append(graph)
-            else:
-                del graph
+
+        def build_all() -> None:
+            for batch in self.batches:
+                self._rng_states.append(self._capture_rng())
+                graph = self._build(batch)
+                if keep_graphs:
+                    self._graphs.append(graph)
+                else:
+                    del graph
+
+        # One agreement for all local batches: ranks may hold different numbers of (micro-)
+        # batches, so a collective per batch would pair up mismatched calls across ranks.
+        self._agree(build_all)
 
     # -- graph building -------------------------------------------------------------------------
     def _build(self, batch: Any) -> Any:  # pragma: no cover - abstract
