@@ -77,7 +77,7 @@ def concat_batches(batches: Sequence[Any]) -> Any:
     flat = [tree_flatten(b) for b in batches]
     spec = flat[0][1]
     sizes = [batch_size_of(b) for b in batches]
-    for leaves, other_spec in flat[1:]:
+    for _, other_spec in flat[1:]:
         if other_spec != spec:
             raise ValueError("Cannot concatenate batches with different structures.")
     out = []
