@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,8 +223,9 @@ class Outcome:
 def pyhessian_trace(problem: Problem, seed: int, cap: int) -> Trace:
     """PyHessian's ``eigenvalues()`` power iteration for ``cap`` products, recorded."""
     _require("PyHessian")
-    import pyhessian.hessian as ph
+    import pyhessian.hessian  # noqa: F401 - the package re-exports the class under the same name
 
+    ph = sys.modules["pyhessian.hessian"]
     original = ph.hessian_vector_product
     trace = Trace()
     start = [0.0]

@@ -533,22 +533,32 @@ class BatchSizeLRCallback(Callback):
         from lr_batch_callback.law import estimate_batch_size_law
 
         self._law_due = False
-        try:
-            loss_fn = self._loss_fn(pl_module)
-            sample = concat_batches(self._pool)
-            dataset_size = None
+        law = None
+        # Under DDP each rank holds other samples and would fit another law, step with another
+        # learning rate and drift apart from the other replicas: rank 0 fits, every rank uses it.
+        if trainer.is_global_zero or trainer.world_size == 1:
             try:
-                dataset_size = len(trainer.train_dataloader.dataset)  # type: ignore[union-attr]
-            except Exception:
-                pass
-            law = estimate_batch_size_law(
-                pl_module, loss_fn, sample, draws=self.law_draws, dataset_size=dataset_size,
-                curvature=self.monitor.config.curvature, seed=trainer.global_step,
-                tol=self.monitor.config.tol, max_iter=max(self.monitor.config.max_iter, 50),
-            )
-        except Exception as exc:
-            rank_zero_warn(f"rule='curvature': fitting the λ(B) law failed ({exc}); keeping the "
-                           "previous factor.")
+                loss_fn = self._loss_fn(pl_module)
+                sample = concat_batches(self._pool)
+                dataset_size = None
+                try:
+                    dataset_size = len(trainer.train_dataloader.dataset)  # type: ignore[union-attr]
+                except Exception:
+                    pass
+                law = estimate_batch_size_law(
+                    pl_module, loss_fn, sample, draws=self.law_draws, dataset_size=dataset_size,
+                    curvature=self.monitor.config.curvature, seed=trainer.global_step,
+                    tol=self.monitor.config.tol, max_iter=max(self.monitor.config.max_iter, 50),
+                )
+            except Exception as exc:
+                rank_zero_warn(f"rule='curvature': fitting the λ(B) law failed ({exc}); keeping "
+                               "the previous factor.")
+        if trainer.world_size > 1:
+            from lr_batch_callback.law import BatchSizeLaw
+
+            data = trainer.strategy.broadcast(law.to_dict() if law is not None else None, src=0)
+            law = BatchSizeLaw.from_dict(data) if data is not None else None
+        if law is None:
             return
         self.law = law
         for rule in self._rules:

@@ -57,6 +57,16 @@ def _spiked_batch_hessians(seed: int = 0) -> tuple[list[float], list[float], dic
     return sizes, tops, {"products": torch.stack(products), "reference": H @ u}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small dense problems run fastest on one thread; several oversubscribe a busy 2-core runner
+    (measured: the spiked-matrix fixture took 1 s on one thread and 5-25 s on two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def spiked() -> tuple[list[float], list[float], dict]:
     return _spiked_batch_hessians()
