@@ -49,6 +49,13 @@ class CapReached(RuntimeError):
     """A run used up its product budget before stopping."""
 
 
+class _TraceDone(Exception):
+    """Raised from inside a recorded run once every stopping rule of interest has decided."""
+
+
+Done = Callable[["Trace"], bool]
+
+
 def installed(peer: str) -> bool:
     return importlib.util.find_spec(PEERS[peer][0]) is not None
 
@@ -220,8 +227,9 @@ class Outcome:
     note: str = ""
 
 
-def pyhessian_trace(problem: Problem, seed: int, cap: int) -> Trace:
-    """PyHessian's ``eigenvalues()`` power iteration for ``cap`` products, recorded."""
+def pyhessian_trace(problem: Problem, seed: int, cap: int, done: Done | None = None) -> Trace:
+    """PyHessian's ``eigenvalues()`` power iteration for ``cap`` products, recorded; ended early
+    once ``done(trace)`` (every replayed stopping rule has decided)."""
     _require("PyHessian")
     import pyhessian.hessian  # noqa: F401 - the package re-exports the class under the same name
 
@@ -235,6 +243,8 @@ def pyhessian_trace(problem: Problem, seed: int, cap: int) -> Trace:
         # exactly PyHessian's own estimate: group_product(Hv, v).cpu().item()
         trace.values.append(sum(torch.sum(a * b) for a, b in zip(hv, v, strict=True)).cpu().item())
         trace.times.append(time.perf_counter() - start[0])
+        if done is not None and done(trace):
+            raise _TraceDone
         return hv
 
     ph.hessian_vector_product = recording
@@ -246,6 +256,8 @@ def pyhessian_trace(problem: Problem, seed: int, cap: int) -> Trace:
                        cuda=problem.device.type == "cuda")
         trace.setup_seconds = time.perf_counter() - start[0]
         h.eigenvalues(maxIter=cap, tol=0.0)  # tol=0 never stops early: the full trace
+    except _TraceDone:
+        pass
     finally:
         ph.hessian_vector_product = original
         problem.clear_grads()
@@ -270,8 +282,10 @@ def replay_pyhessian(trace: Trace, tol: float, max_iter: int = 100) -> Outcome |
 class _Recorder:
     """A hessian-eigenthings operator that records every product of the wrapped one."""
 
-    def __init__(self, op: Any, trace: Trace, start: list[float], residual: bool) -> None:
+    def __init__(self, op: Any, trace: Trace, start: list[float], residual: bool,
+                 done: Done | None = None) -> None:
         self.op, self.trace, self.start, self.residual = op, trace, start, residual
+        self.done = done
 
     def make(self) -> Any:
         import hessian_eigenthings as he
@@ -283,12 +297,15 @@ class _Recorder:
             if self.residual:
                 self.trace.residuals.append(torch.linalg.vector_norm(av - lam * v).item())
             self.trace.times.append(time.perf_counter() - self.start[0])
+            if self.done is not None and self.done(self.trace):
+                raise _TraceDone
             return av
 
         return he.LambdaOperator(matvec, self.op.size, self.op.device, self.op.dtype)
 
 
-def eigenthings_power_trace(problem: Problem, seed: int, cap: int) -> Trace:
+def eigenthings_power_trace(problem: Problem, seed: int, cap: int,
+                            done: Done | None = None) -> Trace:
     """hessian-eigenthings' ``power_iteration_one`` for ``cap`` products, recorded."""
     import hessian_eigenthings as he
 
@@ -298,8 +315,10 @@ def eigenthings_power_trace(problem: Problem, seed: int, cap: int) -> Trace:
     op = eigenthings_operator(problem, "hessian")
     trace.setup_seconds = time.perf_counter() - start[0]
     try:
-        he.power_iteration_one(_Recorder(op, trace, start, True).make(), max_iter=cap, tol=0.0,
-                               seed=seed)
+        he.power_iteration_one(_Recorder(op, trace, start, True, done).make(), max_iter=cap,
+                               tol=0.0, seed=seed)
+    except _TraceDone:
+        pass
     finally:
         problem.clear_grads()
     return trace

@@ -126,38 +126,48 @@ def _pretrain(model: nn.Module, x: Tensor, y: Tensor, steps: int, batch_size: in
 
 
 def build_problem(name: str, device: torch.device, *, batch_size: int | None = None,
-                  pretrain_steps: int = 300, seed: int = 0) -> Problem:
-    """The problem ``name`` on ``device``: model, fixed weights and batch, all from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+                  pretrain_steps: int = 300, seed: int = 0,
+                  state_dict: dict[str, Tensor] | None = None) -> Problem:
+    """The problem ``name`` on ``device``: model, fixed weights and batch, all from ``seed``.
+
+    The batch does not depend on ``pretrain_steps``; passing ``state_dict`` (weights saved from an
+    earlier build) skips pre-training and reproduces that build exactly.
+    """
+    data_gen = torch.Generator().manual_seed(seed)
+    train_gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed)
+    steps = 0 if state_dict is not None else pretrain_steps
     if name == "digits_cnn":
         model = _digits_cnn()
         x_all, y_all = _digits()
-        _pretrain(model, x_all, y_all, pretrain_steps, 64, generator)
         b = batch_size or 256
-        idx = torch.randperm(x_all.shape[0], generator=generator)[:b]
+        idx = torch.randperm(x_all.shape[0], generator=data_gen)[:b]
         x, y = x_all[idx], y_all[idx]
+        _pretrain(model, x_all, y_all, steps, 64, train_gen)
         desc = f"CNN conv 1→32→64 + fc, digits 8×8, {pretrain_steps} SGD steps"
     elif name == "mlp":
         model = _mlp()
         b = batch_size or 256
-        x_all = torch.randn(2048, 512, generator=generator)
-        y_all = torch.randint(0, 10, (2048,), generator=generator)
-        _pretrain(model, x_all, y_all, min(pretrain_steps, 100), 64, generator)
+        x_all = torch.randn(2048, 512, generator=data_gen)
+        y_all = torch.randint(0, 10, (2048,), generator=data_gen)
         x, y = x_all[:b], y_all[:b]
-        desc = "MLP 512→256→256→10 (ReLU), random inputs and labels"
+        _pretrain(model, x_all, y_all, min(steps, 100), 64, train_gen)
+        desc = f"MLP 512→256→256→10 ReLU, random inputs/labels, {min(pretrain_steps, 100)} SGD steps"
     elif name == "resnet18":
         model = _resnet18()
         b = batch_size or 128
-        x = torch.randn(b, 3, 32, 32, generator=generator)
-        y = torch.randint(0, 10, (b,), generator=generator)
-        model.train()
-        with torch.no_grad():  # calibrate BatchNorm running statistics for eval mode
-            for _ in range(5):
-                model(torch.randn(min(b, 64), 3, 32, 32, generator=generator))
-        desc = "ResNet-18 (CIFAR stem), random 32×32 inputs, BN in eval mode"
+        x = torch.randn(b, 3, 32, 32, generator=data_gen)
+        y = torch.randint(0, 10, (b,), generator=data_gen)
+        if steps:
+            model.train()
+            with torch.no_grad():  # calibrate BatchNorm running statistics for eval mode
+                for _ in range(5):
+                    model(torch.randn(64, 3, 32, 32, generator=train_gen))
+        desc = "ResNet-18 (CIFAR stem), random 32×32 inputs, BN calibrated, eval mode"
     else:
         raise ValueError(f"Unknown model {name!r}; choose from {MODELS}.")
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     model = model.to(device=device, dtype=torch.float32).eval()
     return Problem(name=name, description=desc, model=model,
                    batch=(x.to(device), y.to(device)), criterion=nn.CrossEntropyLoss(),

@@ -283,7 +283,8 @@ def run_lightning(out: str, rule: str, optimizer: str) -> None:
         "effective_batch_size": cb.effective_batch_size,
         "law": cb.law.to_dict() if cb.law is not None else None,
         "logged": logger.rows if rank == 0 else [],
-        "final_state_sum": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),
+        "final_state_sum": float(sum(p.detach().double().sum()
+                                     for p in trainer.lightning_module.parameters())),
     }
     torch.save(rec.steps, os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:

@@ -171,3 +171,26 @@ def test_rule_list_must_match_optimizers(tmp_path) -> None:
 def test_factor_is_never_nan() -> None:
     cb = BatchSizeLRCallback()
     assert math.isnan(cb.scaling_metrics()["lr_batch/effective_batch_size"])
+
+
+def test_curvature_rule_fits_the_law_and_uses_it(tmp_path) -> None:
+    import torch.nn.functional as F
+
+    logger = CSVLogger(tmp_path, name="curv")
+    rec = LRRecorder()
+    cb = BatchSizeLRCallback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
+                             law_draws=2, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    seed_everything(0)
+    trainer = Trainer(max_epochs=3, callbacks=[BatchSizeSchedule({0: 16, 2: 64}), cb, rec],
+                      logger=logger, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(n=128))
+    assert cb.law is not None and cb.law.r_squared == cb.law.r_squared  # fitted, finite
+    expected = cb.law.predict(16) / cb.law.predict(64)
+    assert cb.factors == [pytest.approx(expected, rel=1e-12)]
+    # the last steps ran at 64 with the law's factor (the fit at the change precedes them)
+    assert rec.used[-1] == pytest.approx(0.05 * expected, rel=1e-9)
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("law/critical_batch_size")]
+    assert rows and float(rows[-1]["law/lambda_emp"]) == pytest.approx(cb.law.lambda_emp)

@@ -126,3 +126,16 @@ def test_non_finite_loss_raises_and_restores() -> None:
     with pytest.raises(FloatingPointError, match="not finite"):
         hessian_eigenvalues(model, lambda m, b: ce_loss(m, b) * float("nan"), batch)
     _assert_same(model, before)
+
+
+def test_compiled_module_is_estimated_eagerly() -> None:
+    """AOTAutograd graphs have no double backward; the estimate runs the module eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    compiled(x).sum().backward()  # compiled once, as in training
+    model.zero_grad(set_to_none=True)
+    plain = hessian_eigenvalues(model, ce_loss, (x, y), seed=0)
+    through_compiled = hessian_eigenvalues(compiled, ce_loss, (x, y), seed=0)
+    torch.testing.assert_close(through_compiled.eigenvalues, plain.eigenvalues)

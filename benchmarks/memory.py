@@ -1,0 +1,153 @@
+"""Peak memory of one estimate, as a multiple of one training step's peak.
+
+Each measurement runs in a fresh subprocess (``python -m benchmarks.memory SPEC``) so that no
+allocator cache or earlier peak is shared between measurements. The subprocess builds the problem
+(model, weights, batch), runs one no-grad forward pass to initialise the libraries, records a
+baseline, runs the measured task once and reports the peak *increase* over the baseline:
+
+- CPU: the resident-set high-water mark. The kernel's peak (``VmHWM``, also ``ru_maxrss``) is reset
+  to the current RSS by writing ``5`` to ``/proc/self/clear_refs`` right before the task; where that
+  is not allowed, the peak is ``ru_maxrss`` after the task minus the RSS at the baseline (exact
+  only if nothing before the baseline used more memory). ``tracemalloc`` is not used: it does not
+  see torch's allocator.
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+  ``memory_allocated()`` at the baseline.
+
+The training step is SGD with momentum 0.9 in steady state: one step is taken first (so momentum
+buffers exist, as in training), then the second step is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+TASKS = {
+    "train_step": "training step (forward, backward, SGD step)",
+    "ours_eig": "ours: hessian_eigenvalues(k=1, tol=1e-4)",
+    "ours_eig_ggn": "ours: hessian_eigenvalues(k=1, tol=1e-4, curvature='ggn')",
+    "ours_density": "ours: spectral_density(8 probes × 30 steps, batched)",
+    "ours_density_seq": "ours: spectral_density(8 × 30, batched=False)",
+    "pyhessian_eig": "PyHessian: eigenvalues() defaults",
+    "eigenthings_lanczos": "hessian-eigenthings: lanczos(k=1, max_iter=20, which='LA')",
+    "curvlinops_eigsh": "curvlinops: eigsh(k=1, which='LA', tol=1e-4)",
+}
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _run_task(task: str, problem: Any, spec: dict[str, Any]) -> None:
+    from benchmarks import methods
+    from lr_batch_callback import hessian_eigenvalues, spectral_density
+
+    if task == "train_step":
+        optimizer = spec["_optimizer"]
+        optimizer.zero_grad(set_to_none=True)
+        problem.loss_fn(problem.model, problem.batch).backward()
+        optimizer.step()
+    elif task in ("ours_eig", "ours_eig_ggn"):
+        hessian_eigenvalues(problem.model, problem.loss_fn, problem.batch, k=1, tol=1e-4, seed=0,
+                            curvature="ggn" if task == "ours_eig_ggn" else "hessian")
+    elif task in ("ours_density", "ours_density_seq"):
+        spectral_density(problem.model, problem.loss_fn, problem.batch, num_probes=8,
+                         num_steps=30, seed=0, batched=task == "ours_density")
+    elif task == "pyhessian_eig":
+        from pyhessian.hessian import hessian
+
+        torch.manual_seed(0)
+        hessian(problem.model, problem.criterion, data=problem.batch,
+                cuda=problem.device.type == "cuda").eigenvalues()
+    elif task == "eigenthings_lanczos":
+        methods.eigenthings_lanczos(problem, 0, k=1, max_iter=20, which="LA")
+    elif task == "curvlinops_eigsh":
+        methods.curvlinops_eigsh(problem, 0, 1000, tol=1e-4)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in the subprocess: build the problem, measure the task, return the peak increase."""
+    from benchmarks.problems import build_problem
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    state_dict = torch.load(spec["weights"], map_location="cpu") if spec.get("weights") else None
+    problem = build_problem(spec["model"], device, batch_size=spec.get("batch_size"),
+                            pretrain_steps=spec.get("pretrain_steps", 300), state_dict=state_dict)
+    with torch.no_grad():
+        problem.model(problem.batch[0])
+    if spec["task"] == "train_step":
+        spec["_optimizer"] = torch.optim.SGD(problem.model.parameters(), lr=1e-3, momentum=0.9)
+        _run_task("train_step", problem, spec)  # steady state: momentum buffers exist
+        spec["_optimizer"].zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _run_task(spec["task"], problem, spec)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        method = "torch.cuda.max_memory_allocated − baseline"
+    else:
+        base_kb = _rss_kb()
+        reset = _reset_peak()
+        _run_task(spec["task"], problem, spec)
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = max(peak_kb - base_kb, 0) * 1024
+        method = ("RSS high-water mark (reset via /proc/self/clear_refs) − baseline RSS" if reset
+                  else "ru_maxrss − baseline RSS (fresh process)")
+    return {"peak_bytes": peak, "method": method}
+
+
+def measure(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """Run one measurement in a fresh subprocess; an error is returned, not raised."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("MEMORY_RESULT "):
+            return json.loads(line[len("MEMORY_RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    return {"error": tail[-1][:160] if tail else f"exit code {proc.returncode}"}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        result = worker(spec)
+    except Exception as exc:  # reported to the parent as a table entry
+        result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"}
+    print("MEMORY_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
