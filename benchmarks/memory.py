@@ -84,7 +84,8 @@ def _run_task(task: str, problem: Any, spec: dict[str, Any]) -> None:
     elif task == "eigenthings_lanczos":
         methods.eigenthings_lanczos(problem, 0, k=1, max_iter=20, which="LA")
     elif task == "curvlinops_eigsh":
-        methods.curvlinops_eigsh(problem, 0, 1000, tol=1e-4)
+        methods.curvlinops_eigsh(problem, methods.eigenthings_start(problem.num_params, 0), 1000,
+                                 tol=1e-4)
     else:
         raise ValueError(f"unknown task {task!r}")
 

@@ -17,6 +17,7 @@ per ``tol``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -87,16 +88,28 @@ def split_like(v: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 def ours_product(problem: Problem, v: Tensor, curvature: str, vectors: int = 1,
                  batched: bool = True) -> Product:
+    """Products on our operator, used inside ``isolated()`` as the estimates use it (leaving the
+    guard restores buffers, which invalidates a graph that saved them, e.g. eval-mode BN)."""
     from lr_batch_callback.isolation import isolated
     from lr_batch_callback.operators import make_operator
 
-    with isolated(problem.model):
+    guard = contextlib.ExitStack()
+    guard.enter_context(isolated(problem.model))
+    try:
         op = make_operator(curvature, problem.model, problem.loss_fn, [problem.batch],
                            batched_products=batched)
+    except BaseException:
+        guard.close()
+        raise
+
+    def teardown() -> None:
+        guard.close()
+        problem.clear_grads()
+
     if vectors == 1:
-        return (lambda: op.matvec(v)), problem.clear_grads
+        return (lambda: op.matvec(v)), teardown
     V = torch.randn(vectors, v.numel(), generator=torch.Generator().manual_seed(1)).to(v)
-    return (lambda: op.matmat(V)), problem.clear_grads
+    return (lambda: op.matmat(V)), teardown
 
 
 def ours_graph_build(problem: Problem, curvature: str) -> Product:
@@ -356,11 +369,8 @@ def eigenthings_lanczos_prefix(problem: Problem, seed: int, cap: int) -> Trace:
                                     reorthogonalize=True)
     finally:
         problem.clear_grads()
-    alphas = td.alphas.double().cpu().numpy()
-    betas = td.betas.double().cpu().numpy()
-    for m in range(1, len(alphas) + 1):
-        T = np.diag(alphas[:m]) + np.diag(betas[: m - 1], 1) + np.diag(betas[: m - 1], -1)
-        trace.values.append(float(np.linalg.eigvalsh(T)[-1]))
+    trace.values = top_ritz_prefix(td.alphas.double().cpu().numpy(),
+                                   td.betas.double().cpu().numpy())
     return trace
 
 
@@ -382,14 +392,21 @@ def eigenthings_lanczos(problem: Problem, seed: int, **kwargs: Any) -> Outcome:
     try:
         result = he.lanczos(op, seed=seed, **kwargs)
         value = float(result.eigenvalues[0])
+        converged = bool(result.converged[0])
         sync(problem.device)
     finally:
         problem.clear_grads()
     config = "lanczos(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
-    return Outcome(value, count[0], time.perf_counter() - start, config)
+    return Outcome(value, count[0], time.perf_counter() - start, config,
+                   "converged" if converged else "")
 
 
-def curvlinops_eigsh(problem: Problem, seed: int, cap: int, **kwargs: Any) -> Outcome:
+def eigenthings_start(dim: int, seed: int) -> Tensor:
+    """The start vector hessian-eigenthings' ``lanczos``/``power_iteration_one`` draw for ``seed``."""
+    return torch.randn(dim, dtype=torch.float32, generator=torch.Generator().manual_seed(seed))
+
+
+def curvlinops_eigsh(problem: Problem, v0: Tensor, cap: int, **kwargs: Any) -> Outcome:
     """scipy's ``eigsh`` (ARPACK) on curvlinops' operator, ``which="LA"``, stopped after ``cap``
     products (``CapReached``)."""
     from scipy.sparse.linalg import LinearOperator, eigsh
@@ -406,9 +423,9 @@ def curvlinops_eigsh(problem: Problem, seed: int, cap: int, **kwargs: Any) -> Ou
         return scipy_op.matvec(x)
 
     op = LinearOperator(scipy_op.shape, matvec=matvec, dtype=scipy_op.dtype)
-    v0 = np.random.default_rng(seed).standard_normal(scipy_op.shape[0])
     try:
-        values = eigsh(op, k=1, which="LA", v0=v0, return_eigenvectors=False, **kwargs)
+        values = eigsh(op, k=1, which="LA", v0=v0.detach().double().cpu().numpy(),
+                       return_eigenvectors=False, **kwargs)
     finally:
         problem.clear_grads()
     config = "eigsh(k=1, which='LA'" + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
@@ -446,3 +463,29 @@ def eigenthings_density(problem: Problem, num_probes: int, num_steps: int, seed:
     finally:
         problem.clear_grads()
     return num_probes * num_steps
+
+
+def top_ritz_prefix(alpha: np.ndarray, beta: np.ndarray) -> list[float]:
+    """The largest Ritz value after each Lanczos step, from one run's tridiagonal."""
+    values = []
+    for m in range(1, len(alpha) + 1):
+        T = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+        values.append(float(np.linalg.eigvalsh(T)[-1]))
+    return values
+
+
+def eigenthings_lanczos_doubling(problem: Problem, seed: int, tol: float,
+                                 cap: int) -> tuple[Outcome, bool]:
+    """How a user without the answer drives ``lanczos``: ``max_iter`` = 2, 4, 8, ... until the
+    result says ``converged`` (its residual test at ``tol``); products summed over all runs."""
+    products, seconds, steps = 0, 0.0, 2
+    while True:
+        o = eigenthings_lanczos(problem, seed, k=1, max_iter=min(steps, cap), which="LA", tol=tol)
+        products += o.products
+        seconds += o.seconds
+        if o.note == "converged" or steps >= cap:
+            return (Outcome(o.value, products, seconds, f"lanczos(k=1, which='LA', tol={tol:g}), "
+                            f"max_iter doubled up to {min(steps, cap)}",
+                            "" if o.note == "converged" else "never converged"),
+                    o.note == "converged")
+        steps *= 2

@@ -120,7 +120,8 @@ class BatchSizeLRCallback(Callback):
         law_samples: samples (from recent training batches) used to fit the λ(B) law for
             ``rule="curvature"``.
         law_draws: random sub-batches per batch size in that fit.
-        save_spectra: write each measurement as JSON under ``<log_dir>/spectra/``.
+        save_spectra: write each measurement as JSON under ``<log_dir>/spectra/`` (when the
+            Trainer has a logger).
         verbose: print a line when the factor changes.
 
     Example::
@@ -480,7 +481,7 @@ class BatchSizeLRCallback(Callback):
             "lr_factor": self.factors[0] if self.factors else 1.0,
         })
         log_to_loggers(trainer.loggers, metrics, trainer.global_step)
-        if self.save_spectra:
+        if self.save_spectra and trainer.loggers:  # logger=False: the user wants no files
             write_spectrum_record(self._spectra_dir(trainer), record)
         if record.get("density"):
             self._log_density_to_tensorboard(trainer, pl_module, record)

@@ -264,6 +264,9 @@ def run_lightning(out: str, rule: str, optimizer: str) -> None:
     cb = BatchSizeLRCallback(rule=rule, monitor_every_n_steps=4, smallest=False, tol=1e-8,
                              max_iter=163, density_every=0, max_overhead=1.0, save_spectra=False,
                              law_samples=64, law_draws=2)
+    # The time budget depends on how busy the machine is; the tests need the measurements at
+    # known steps (the budget's DDP agreement is still exercised: rank 0 decides, all follow).
+    cb.monitor.within_budget = lambda: True  # type: ignore[method-assign]
     rec = Recorder()
     logger = MemoryLogger()
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True)
