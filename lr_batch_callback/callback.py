@@ -420,7 +420,7 @@ class BatchSizeLRCallback(Callback):
             return self.loss_fn
         method = getattr(pl_module, "curvature_loss", None)
         if callable(method):
-            return lambda module, batch: module.curvature_loss(batch)
+            return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "Manual optimization: training_step steps the optimizers itself, so it cannot serve "

@@ -116,7 +116,7 @@ class SpectrumMonitor:
                 max_iter=cfg.max_iter, v0=v0, return_eigenvectors=True, distributed=distributed,
                 seed=self.measurements, warn_unconverged=False,
             )
-            density = None
+            density: dict[str, Any] | None = None
             if cfg.density_every and self.measurements % cfg.density_every == 0:
                 sd = spectral_density(
                     model, loss_fn, batch, curvature=cfg.curvature, num_probes=cfg.density_probes,
@@ -161,7 +161,7 @@ class SpectrumMonitor:
             "lambda_min": lam_min,
             "residuals": res.residuals,
             "converged": res.converged,
-            "num_products": res.num_products + (density["num_products"] if density else 0),
+            "num_products": res.num_products + (int(density["num_products"]) if density else 0),
             "seconds": seconds,
             "density": density,
         }
