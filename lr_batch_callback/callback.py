@@ -452,7 +452,7 @@ class BatchSizeLRCallback(Callback):
             if blocker:
                 self._monitoring_disabled = blocker
                 rank_zero_warn(f"Hessian monitoring turned off: {blocker}.")
-        if self._monitoring_disabled:
+        if self._monitoring_disabled or self.monitor.disabled:
             return
         try:
             loss_fn = self._loss_fn(pl_module)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lr_batch_callback.lanczos import tridiagonal_eigh
 from lr_batch_callback.operators import CurvatureOperator, NonFiniteCurvatureError
 
 __all__ = ["SpectralDensity", "slq_quadrature", "broaden", "rademacher_probes"]
@@ -151,10 +152,7 @@ def slq_quadrature(
             if beta[p, j] <= 100 * eps * max(float(norm[p, j]), abs(float(alpha[p, j])), 1e-300):
                 m = j + 1
                 break
-        T = torch.diag(alpha[p, :m])
-        if m > 1:
-            T = T + torch.diag(beta[p, : m - 1], 1) + torch.diag(beta[p, : m - 1], -1)
-        theta, S = torch.linalg.eigh(T)
+        theta, S = tridiagonal_eigh(alpha[p, :m].tolist(), beta[p, : m - 1].tolist())
         nodes[p, :m] = theta
         weights[p, :m] = S[0] ** 2
     return nodes, weights

@@ -28,12 +28,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lr_batch_callback.operators import CurvatureOperator, NonFiniteCurvatureError
 
-__all__ = ["LanczosResult", "lanczos", "default_max_iter", "WHICH"]
+__all__ = ["LanczosResult", "lanczos", "default_max_iter", "tridiagonal_eigh", "WHICH"]
 
 Which = Literal["largest", "smallest", "both"]
 WHICH = ("largest", "smallest", "both")
@@ -102,13 +103,19 @@ def _wanted(n: int, k: int, which: str) -> list[int]:
     return sorted(chosen, reverse=True)
 
 
-def _ritz(alpha: list[float], beta: list[float]) -> tuple[Tensor, Tensor]:
+def tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the tridiagonal, ascending.
+
+    Solved with NumPy's LAPACK: torch's CPU ``eigh`` on small matrices can spend milliseconds to
+    seconds in thread start-up on a busy machine, and this runs at every stopping test.
+    """
     m = len(alpha)
-    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    T = np.diag(np.asarray(alpha, dtype=np.float64))
     if m > 1:
-        off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigh(T)
+        off = np.asarray(beta[: m - 1], dtype=np.float64)
+        T += np.diag(off, 1) + np.diag(off, -1)
+    theta, s = np.linalg.eigh(T)
+    return torch.from_numpy(theta), torch.from_numpy(s)
 
 
 def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:
@@ -248,7 +255,7 @@ def lanczos(
         beta += new_beta
         checked = m
 
-        theta, s = _ritz(alpha, beta)
+        theta, s = tridiagonal_eigh(alpha, beta)
         wanted = _wanted(m, k, which)
         scale = float(theta.abs().max())
         residual = (abs(beta[m - 1]) * s[m - 1, wanted].abs())

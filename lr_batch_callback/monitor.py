@@ -69,6 +69,7 @@ class SpectrumMonitor:
     _warm_start: Tensor | None = field(default=None, repr=False)
     _last_seconds: float = 0.0
     _over_budget_warned: bool = False
+    disabled: str | None = None
 
     def start(self) -> None:
         """Mark the start of training time (training time excludes measurement time)."""
@@ -127,10 +128,17 @@ class SpectrumMonitor:
                            "num_products": sd.num_products}
         except Exception as exc:  # a failed estimate is a warning, never a crashed run
             self.skipped += 1
-            warnings.warn(
-                f"Hessian spectrum measurement skipped: {type(exc).__name__}: {exc}",
-                UserWarning, stacklevel=2,
-            )
+            if isinstance(exc, (ValueError, TypeError)):
+                # A configuration problem (k > P, no trainable parameters, a loss that is not a
+                # scalar...): every later measurement would fail the same way, so say it once.
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"Hessian spectrum monitoring turned off: {self.disabled}",
+                              UserWarning, stacklevel=2)
+            else:
+                warnings.warn(
+                    f"Hessian spectrum measurement skipped: {type(exc).__name__}: {exc}",
+                    UserWarning, stacklevel=2,
+                )
             return None
         finally:
             seconds = time.perf_counter() - begin
