@@ -102,9 +102,21 @@ class CurvatureOperator:
         """Products with the rows of ``V`` (shape ``(k, dim)``), returned as rows."""
         if V.dim() != 2 or V.shape[1] != self.dim:
             raise ValueError(f"Expected vectors of shape (k, {self.dim}), got {tuple(V.shape)}.")
-        out = self._local_matmat(V.to(device=self.device, dtype=self.dtype))
-        if self.distributed:
+        V = V.to(device=self.device, dtype=self.dtype)
+        if not self.distributed:
+            out = self._local_matmat(V)
+        else:
+            error: Exception | None = None
+            try:
+                out = self._local_matmat(V)
+            except Exception as exc:  # e.g. out of memory on this rank only
+                # Enter the all-reduce anyway, with NaN: every rank then fails together below
+                # instead of the others waiting for this one until the collective times out.
+                error = exc
+                out = torch.full_like(V, float("nan"))
             out = self._allreduce_mean(out)
+            if error is not None:
+                raise error
             # Tested after the reduction, which carries a NaN/inf from any rank to every rank:
             # a rank raising before it would leave the others waiting in the all-reduce.
             if out.device.type == "cpu" and not bool(torch.isfinite(out).all()):
