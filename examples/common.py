@@ -10,9 +10,12 @@ folder on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib.util
 import math
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +231,15 @@ class DigitsClassifier(L.LightningModule):
 # ------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default, except ``None`` and ``False`` (the help text says those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def parse_schedule(text: str) -> dict[int, int]:
     """``"0:32,3:128,6:512"`` → ``{0: 32, 3: 128, 6: 512}`` (epoch → per-device batch size)."""
     try:
@@ -250,6 +262,25 @@ def accelerator(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device.")
     return device
+
+
+def default_run_dir(name: str) -> Path:
+    """``runs/<name>-<timestamp>``: a fresh directory for each run."""
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def make_loggers(run_dir: str | Path) -> list[Any]:
+    """CSVLogger writing ``metrics.csv`` (and, via the callback, ``spectra/``) into ``run_dir``,
+    plus a TensorBoardLogger into ``run_dir/tensorboard`` when tensorboard is installed."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    # name="" and version="" make the CSV log directory the run directory itself; it comes first
+    # so that trainer.log_dir (where the spectra go) is that directory too.
+    loggers: list[Any] = [CSVLogger(run_dir, name="", version="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="",
+                                         default_hp_metric=False))
+    return loggers
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:

@@ -120,6 +120,8 @@ class BatchSizeLRCallback(Callback):
         law_samples: samples (from recent training batches) used to fit the λ(B) law for
             ``rule="curvature"``.
         law_draws: random sub-batches per batch size in that fit.
+        law_min_r_squared: a fit whose R² is below this is logged but not used: the factor falls
+            back to the linear (SGD) or √ (Adam) rule until a better fit.
         save_spectra: write each measurement as JSON under ``<log_dir>/spectra/`` (when the
             Trainer has a logger).
         verbose: print a line when the factor changes.
@@ -148,6 +150,7 @@ class BatchSizeLRCallback(Callback):
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         law_samples: int = 512,
         law_draws: int = 3,
+        law_min_r_squared: float = 0.5,
         save_spectra: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -178,6 +181,8 @@ class BatchSizeLRCallback(Callback):
             )
         if isinstance(law_samples, bool) or not isinstance(law_samples, int) or law_samples < 16:
             raise ValueError(f"law_samples must be an integer >= 16, got {law_samples!r}.")
+        if not (isinstance(law_min_r_squared, (int, float)) and 0 <= law_min_r_squared <= 1):
+            raise ValueError(f"law_min_r_squared must be in [0, 1], got {law_min_r_squared!r}.")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (module, batch) -> tensor, got {loss_fn!r}.")
 
@@ -188,6 +193,7 @@ class BatchSizeLRCallback(Callback):
         self.loss_fn = loss_fn
         self.law_samples = law_samples
         self.law_draws = law_draws
+        self.law_min_r_squared = law_min_r_squared
         self.save_spectra = save_spectra
         self.verbose = verbose
         self.monitor = SpectrumMonitor(MonitorConfig(
@@ -198,6 +204,7 @@ class BatchSizeLRCallback(Callback):
 
         self.effective_batch_size: int | None = None
         self.factors: list[float] = []
+        self._effective_lrs: list[list[float]] = []
         self.law: Any = None
         self._rules: list[ScalingRule] = []
         self._scalers: list[LRScaler] = []
@@ -297,9 +304,7 @@ class BatchSizeLRCallback(Callback):
                 "pass one rule, or a list with one rule per optimizer."
             )
         self._rules = [resolve_rule(r, opt) for r, opt in zip(rules, optimizers, strict=True)]
-        for rule in self._rules:
-            if isinstance(rule, CurvatureRule) and self.law is not None:
-                rule.law = self.law
+        self._set_law_on_rules()
         self._scalers = [LRScaler(opt) for opt in optimizers]
         self.monitor.start()
         self._last_step = trainer.global_step
@@ -407,12 +412,19 @@ class BatchSizeLRCallback(Callback):
             "lr_batch/effective_batch_size": float(self.effective_batch_size or math.nan),
             "lr_batch/reference_batch_size": float(self.reference_batch_size or math.nan),
         }
-        for i, (factor, scaler) in enumerate(zip(self.factors, self._scalers, strict=True)):
+        if self._scalers:  # attached: the LRs the next step will use
+            self._effective_lrs = [[float(lr) for lr in sc.effective_lrs()] for sc in self._scalers]
+        for i, (factor, lrs) in enumerate(zip(self.factors, self._effective_lrs, strict=True)):
             opt = "" if i == 0 else f"_opt{i}"
             metrics[f"lr_batch/factor{opt}"] = factor
-            for j, lr in enumerate(scaler.effective_lrs()):
-                metrics[f"lr_batch/lr{opt}_pg{j}"] = float(lr)
+            for j, lr in enumerate(lrs):
+                metrics[f"lr_batch/lr{opt}_pg{j}"] = lr
         return metrics
+
+    @property
+    def rule_names(self) -> list[str]:
+        """The rule in force for each optimizer (what ``"auto"`` resolved to), once fitting."""
+        return [rule.name for rule in self._rules]
 
     # -- spectra -------------------------------------------------------------------------------------
     def _loss_fn(self, pl_module: LightningModule) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -515,6 +527,14 @@ class BatchSizeLRCallback(Callback):
             except Exception as exc:  # a plotting problem must not cost the run
                 rank_zero_warn(f"Could not write the density to TensorBoard: {exc}")
 
+    def _set_law_on_rules(self) -> bool:
+        """Give the fitted law to the curvature rules if it is good enough; say whether it was."""
+        usable = self.law is not None and self.law.r_squared >= self.law_min_r_squared
+        for rule in self._rules:
+            if isinstance(rule, CurvatureRule):
+                rule.law = self.law if usable else None
+        return usable
+
     # -- curvature law --------------------------------------------------------------------------------
     def _collect_for_law(self, batch: Any) -> None:
         """Keep the most recent training samples (detached, on device) for the λ(B) fit."""
@@ -562,9 +582,12 @@ class BatchSizeLRCallback(Callback):
         if law is None:
             return
         self.law = law
-        for rule in self._rules:
-            if isinstance(rule, CurvatureRule):
-                rule.law = law
+        if not self._set_law_on_rules():
+            rank_zero_warn(
+                f"rule='curvature': the λ(B) fit is too noisy to use (R²={law.r_squared:.2f} < "
+                f"law_min_r_squared={self.law_min_r_squared}); using the fixed linear/√ rule "
+                "until a better fit. Raise law_samples or law_draws for a steadier fit."
+            )
         if trainer.is_global_zero:
             log_to_loggers(trainer.loggers, {
                 "law/lambda_emp": law.lambda_emp,

@@ -94,8 +94,8 @@ def density_from_record(record: Mapping[str, Any], grid_size: int = 1000
     density = record.get("density")
     if not density:
         return None
-    nodes = torch.tensor(density["nodes"], dtype=torch.float64)
-    weights = torch.tensor(density["weights"], dtype=torch.float64)
+    nodes = torch.as_tensor(density["nodes"], dtype=torch.float64)
+    weights = torch.as_tensor(density["weights"], dtype=torch.float64)
     grid, values, _ = broaden(nodes, weights, float(density["sigma"]), grid_size)
     return grid, values
 

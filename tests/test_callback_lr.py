@@ -194,3 +194,25 @@ def test_curvature_rule_fits_the_law_and_uses_it(tmp_path) -> None:
     with open(f"{logger.log_dir}/metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("law/critical_batch_size")]
     assert rows and float(rows[-1]["law/lambda_emp"]) == pytest.approx(cb.law.lambda_emp)
+
+
+def test_noisy_law_falls_back_to_the_fixed_rule(tmp_path) -> None:
+    import torch.nn.functional as F
+
+    cb = BatchSizeLRCallback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
+                             law_draws=2, law_min_r_squared=1.0,  # no real fit is that good
+                             loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    with pytest.warns(UserWarning, match="too noisy to use"):
+        _fit(TinyModule(n=128), [BatchSizeSchedule({0: 16, 2: 64}), cb], tmp_path, epochs=3)
+    assert cb.law is not None and cb.law.r_squared < 1.0
+    assert cb.factors == [4.0]  # linear, the SGD fallback
+
+
+def test_metrics_and_rule_names_after_fit(tmp_path) -> None:
+    cb = BatchSizeLRCallback(monitor_every_n_steps=None)
+    _fit(TinyModule(n=64, optimizer="adamw", lr=1e-3), [BatchSizeSchedule({0: 16, 1: 64}), cb],
+         tmp_path, epochs=2)
+    assert cb.rule_names == ["sqrt"]
+    metrics = cb.scaling_metrics()  # still available after teardown removed the hooks
+    assert metrics["lr_batch/factor"] == 2.0
+    assert metrics["lr_batch/lr_pg0"] == pytest.approx(2e-3)

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "reproduce_paper.py"
-TABLE_HEADER = "| optimizer | rule | B | LR factor | LR | LR / LR_max(B) | steps | test accuracy | test loss | diverged |"
+TABLE_HEADER = ("| optimizer | rule | B | LR factor | LR | LR / LR_max(B) | LR / LR_max(B), peak | steps "
+                "| test accuracy | test loss | failed |")
 
 pytest.importorskip("matplotlib")
 
