@@ -5,11 +5,12 @@ allocator cache or earlier peak is shared between measurements. The subprocess b
 (model, weights, batch), runs one no-grad forward pass to initialise the libraries, records a
 baseline, runs the measured task once and reports the peak *increase* over the baseline:
 
-- CPU: the resident-set high-water mark. The kernel's peak (``VmHWM``, also ``ru_maxrss``) is reset
-  to the current RSS by writing ``5`` to ``/proc/self/clear_refs`` right before the task; where that
-  is not allowed, the peak is ``ru_maxrss`` after the task minus the RSS at the baseline (exact
-  only if nothing before the baseline used more memory). ``tracemalloc`` is not used: it does not
-  see torch's allocator.
+- CPU: the peak of the *anonymous* resident memory (``/proc/self/statm``: resident − shared pages),
+  sampled every 0.5 ms by a thread while the task runs, minus its value at the baseline. The
+  kernel's high-water mark (``VmHWM`` = ``ru_maxrss``, resettable through ``/proc/self/clear_refs``)
+  was tried first and rejected: it also counts file-backed pages, i.e. the libtorch code a task
+  touches for the first time, and that amount changed by 100+ MiB with what other processes had
+  run before (page-cache fault-around). ``tracemalloc`` does not see torch's allocator.
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
   ``memory_allocated()`` at the baseline.
 
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +48,43 @@ TASKS = {
 }
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _anon_bytes() -> int:
+    """Resident memory that is not file-backed (``statm``: resident − shared pages)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
+
+
+class _AnonPeak:
+    """Samples the anonymous resident set every ``interval`` seconds in a thread; the maximum.
+
+    The kernel's own high-water mark (``VmHWM``, ``ru_maxrss``) also counts file-backed pages:
+    the code of libtorch that a task touches for the first time, whose amount depends on the page
+    cache (what other processes ran before). Anonymous memory is what tensors and graphs use.
+    """
+
+    def __init__(self, interval: float = 5e-4) -> None:
+        self.interval = interval
+        self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _anon_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_bytes())
 
 
 def _import_for(task: str) -> None:
@@ -134,14 +158,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device) - base
         method = "torch.cuda.max_memory_allocated − baseline"
     else:
-        base_kb = _rss_kb()
-        reset = _reset_peak()
-        _run_task(spec["task"], problem, spec)
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = max(peak_kb - base_kb, 0) * 1024
-        method = ("RSS high-water mark (reset via /proc/self/clear_refs) − baseline RSS, glibc "
-                  "mmap threshold fixed at 64 KiB" if reset
-                  else "ru_maxrss − baseline RSS (fresh process)")
+        base = _anon_bytes()
+        with _AnonPeak() as sampler:
+            _run_task(spec["task"], problem, spec)
+        peak = max(sampler.peak - base, 0)
+        method = ("peak anonymous resident memory (statm resident − shared, sampled every 0.5 ms) "
+                  "− baseline, glibc mmap threshold fixed at 64 KiB")
     return {"peak_bytes": peak, "method": method, "param_bytes": problem.num_params * 4}
 
 

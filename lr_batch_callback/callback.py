@@ -120,8 +120,9 @@ class BatchSizeLRCallback(Callback):
         law_samples: samples (from recent training batches) used to fit the λ(B) law for
             ``rule="curvature"``.
         law_draws: random sub-batches per batch size in that fit.
-        law_min_r_squared: a fit whose R² is below this is logged but not used: the factor falls
-            back to the linear (SGD) or √ (Adam) rule until a better fit.
+        law_min_r_squared: a fit whose R² on the per-batch-size mean eigenvalues is below this is
+            logged but not used: the factor falls back to the linear (SGD) or √ (Adam) rule until
+            a better fit.
         save_spectra: write each measurement as JSON under ``<log_dir>/spectra/`` (when the
             Trainer has a logger).
         verbose: print a line when the factor changes.
@@ -211,6 +212,7 @@ class BatchSizeLRCallback(Callback):
         self._reference_from_setup: int | None = None
         self._measured_batch_size: int | None = None
         self._last_step = -1
+        self._first_step = 0
         self._measure_next = False
         self._monitoring_disabled: str | None = None
         self._fallback_warned = False
@@ -307,7 +309,7 @@ class BatchSizeLRCallback(Callback):
         self._set_law_on_rules()
         self._scalers = [LRScaler(opt) for opt in optimizers]
         self.monitor.start()
-        self._last_step = trainer.global_step
+        self._last_step = self._first_step = trainer.global_step
         if self.reference_batch_size is None:
             self.reference_batch_size = self._reference_from_setup
         self._update(trainer, pl_module, force_log=True)
@@ -338,7 +340,7 @@ class BatchSizeLRCallback(Callback):
         if not self.monitor.is_due(trainer.global_step, forced=self._measure_next):
             return
         self._measure_next = False
-        within = self.monitor.within_budget()
+        within = self.monitor.within_budget(trainer.global_step - self._first_step)
         if trainer.world_size > 1:
             # Every rank must take the same decision: measurements run collectives.
             within = bool(trainer.strategy.broadcast(within, src=0))
@@ -529,7 +531,10 @@ class BatchSizeLRCallback(Callback):
 
     def _set_law_on_rules(self) -> bool:
         """Give the fitted law to the curvature rules if it is good enough; say whether it was."""
-        usable = self.law is not None and self.law.r_squared >= self.law_min_r_squared
+        # Gate on the fit of the per-B means: single draws scatter too much at small B for the
+        # per-draw R² to say whether λ(B) is captured (it was 0.34 on digits where the means
+        # gave 0.95).
+        usable = self.law is not None and self.law.r_squared_of_means >= self.law_min_r_squared
         for rule in self._rules:
             if isinstance(rule, CurvatureRule):
                 rule.law = self.law if usable else None
@@ -584,7 +589,8 @@ class BatchSizeLRCallback(Callback):
         self.law = law
         if not self._set_law_on_rules():
             rank_zero_warn(
-                f"rule='curvature': the λ(B) fit is too noisy to use (R²={law.r_squared:.2f} < "
+                f"rule='curvature': the λ(B) fit is too noisy to use (R² of the per-batch-size "
+                f"means {law.r_squared_of_means:.2f} < "
                 f"law_min_r_squared={self.law_min_r_squared}); using the fixed linear/√ rule "
                 "until a better fit. Raise law_samples or law_draws for a steadier fit."
             )
@@ -594,5 +600,6 @@ class BatchSizeLRCallback(Callback):
                 "law/noise_coefficient": law.noise_coefficient,
                 "law/critical_batch_size": law.critical_batch_size,
                 "law/r_squared": law.r_squared,
+                "law/r_squared_of_means": law.r_squared_of_means,
             }, trainer.global_step)
         self._apply(trainer, announce=True)

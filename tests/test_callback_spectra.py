@@ -130,9 +130,27 @@ def test_budget_skips_measurements_and_says_so(tmp_path) -> None:
                       enable_checkpointing=False)
     with pytest.warns(UserWarning, match="max_overhead"):
         trainer.fit(TinyModule(n=128))
-    assert cb.monitor.measurements >= 1
     assert cb.monitor.skipped >= 1
     assert cb.monitor.measurements + cb.monitor.skipped == trainer.global_step
+
+
+def test_budget_prices_the_first_measurement_from_the_step_time(monkeypatch) -> None:
+    from lr_batch_callback import monitor as monitor_module
+    from lr_batch_callback.monitor import PRODUCT_COST_IN_STEPS, MonitorConfig, SpectrumMonitor
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])
+    mon = SpectrumMonitor(MonitorConfig(max_iter=30, density_every=4, density_probes=4,
+                                        density_steps=20, max_overhead=0.05))
+    mon.start()
+    clock["t"] = 100.0  # 1000 steps of 0.1 s: a product is priced at 0.25 s
+    expected = PRODUCT_COST_IN_STEPS * 0.1 * (30 + 4 * 20)  # the first one has a density: 27.5 s
+    assert not mon.within_budget(steps=1000)  # 27.5 s > 5% of 100 s
+    assert mon._predicted_seconds == pytest.approx(expected)
+    clock["t"] = 600.0  # 6000 steps: 5% is 30 s
+    assert mon.within_budget(steps=6000)
+    mon.config.max_overhead = None
+    assert mon.within_budget(steps=1)
 
 
 def test_curvature_loss_method_is_used(tmp_path) -> None:

@@ -432,3 +432,19 @@ def test_estimate_rejects_bad_arguments_before_any_lanczos_run(kwargs, message) 
 
     with pytest.raises(ValueError, match=message):
         estimate_batch_size_law(model, loss_fn, batch, **kwargs)
+
+
+def test_r_squared_of_means_sees_the_law_through_scattered_draws() -> None:
+    rng = np.random.default_rng(0)
+    sizes = np.repeat([8.0, 32.0, 128.0, 512.0], 6)
+    truth = 5.0 + 80.0 * (1 / sizes - 1 / 2000)
+    noisy = truth + rng.normal(0.0, 3.0, sizes.size) * (8.0 / sizes) ** 0.5
+    law = fit_batch_size_law(sizes, noisy, 2000)
+    means = np.array([noisy[sizes == b].mean() for b in np.unique(sizes)])
+    pred = law.predict(np.unique(sizes))
+    expected = 1 - ((means - pred) ** 2).sum() / ((means - means.mean()) ** 2).sum()
+    assert law.r_squared_of_means == pytest.approx(expected, rel=1e-12)
+    assert law.r_squared_of_means > law.r_squared
+    assert math.isnan(fit_batch_size_law([8, 8, 16], [1.0, 2.0, 1.5]).r_squared_of_means)  # flat means
+    single = BatchSizeLaw(lambda_emp=1.0, noise_coefficient=1.0)
+    assert math.isnan(single.r_squared_of_means)

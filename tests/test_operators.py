@@ -62,8 +62,9 @@ def test_batched_products_equal_single_products(curvature: str) -> None:
     batch = classification_batch("dropout")
     V = torch.randn(5, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     with isolated(model):
-        op = make_operator(curvature, model, ce_loss, [batch])
-        batched = op.matmat(V)
+        op = make_operator(curvature, model, ce_loss, [batch], batched_products=True)
+        assert not make_operator(curvature, model, ce_loss, [batch]).batched_products  # CPU
+        batched = op.matmat(V)  # one vmap-batched backward pass (is_grads_batched)
         single = torch.stack([op.matvec(v) for v in V])
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-12)
 
