@@ -155,7 +155,6 @@ def run_engine(rank: int, world_size: int, port: int, out: str) -> None:
 def _lightning_classes():
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import Logger
     from torch.utils.data import DataLoader, TensorDataset
 
     class DDPModule(LightningModule):
@@ -229,26 +228,7 @@ def _lightning_classes():
             if self._handle is not None:
                 self._handle.remove()
 
-    class MemoryLogger(Logger):
-        """Keeps what the callback logs (rank 0 only logs)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows: list[tuple[int, dict[str, float]]] = []
-
-        @property
-        def name(self) -> str:
-            return "memory"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_metrics(self, metrics, step=None) -> None:
-            self.rows.append((int(step or 0), {k: float(v) for k, v in metrics.items()}))
-
-        def log_hyperparams(self, params, *args, **kwargs) -> None:
-            pass
+    from tests.lightning_helpers import MemoryLogger
 
     return DDPModule, Recorder, MemoryLogger
 

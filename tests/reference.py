@@ -79,3 +79,49 @@ def finite_difference_hvp(model: nn.Module, loss_fn: Callable[[nn.Module, Any], 
         return g
 
     return (grad_at(eps) - grad_at(-eps)) / (2 * eps)
+
+
+def eigvalsh(H: Tensor) -> Tensor:
+    """Ascending eigenvalues, computed on one thread: MKL's threaded eigh takes seconds for a
+    163×163 matrix on the two-core test machine, and milliseconds on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(H)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything an estimate must leave untouched: state, modes, flags, grads, RNG streams."""
+    import random
+
+    import numpy as np
+
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_same_state(model: nn.Module, before: dict[str, Any]) -> None:
+    """Assert ``model`` and the RNG streams are bit for bit as in ``before`` (a :func:`snapshot`)."""
+    import numpy as np
+
+    after = snapshot(model)
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    assert before["modes"] == after["modes"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
+    for a, b in zip(before["grad_values"], after["grad_values"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert before["python_rng"] == after["python_rng"]
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lr_batch_callback import BatchSizeLRCallback, scaling_factor
 from tests import ddp_worker
 from tests.lightning_helpers import LRRecorder
-from tests.reference import dense_ggn, dense_hessian
+from tests.reference import dense_ggn, dense_hessian, eigvalsh
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -33,17 +33,6 @@ pytestmark = pytest.mark.skipif(
 WORKER = Path(ddp_worker.__file__)
 ROOT = WORKER.parent.parent
 TIMEOUT = 240  # seconds per run; a hang in a collective fails the test instead of the session
-
-
-def eigvalsh(H: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues; single-threaded, as MKL's threaded eigh takes seconds for a 163x163
-    matrix on the two-core test machine (and milliseconds on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigvalsh(H)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _free_port() -> int:

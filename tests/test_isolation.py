@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from lr_batch_callback import hessian_eigenvalues, spectral_density
 from tests.models import ce_loss, classification_batch
+from tests.reference import assert_same_state, snapshot
 
 
 class BNDropoutNet(nn.Module):
@@ -23,33 +21,6 @@ class BNDropoutNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(torch.relu(self.bn(self.fc1(x)))))
-
-
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modes": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state()[1].copy(),
-    }
-
-
-def _assert_same(model: nn.Module, before: dict) -> None:
-    after = _snapshot(model)
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    assert before["modes"] == after["modes"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
-    for a, b in zip(before["grad_values"], after["grad_values"]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert before["python_rng"] == after["python_rng"]
-    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
 
 
 def _model_with_state() -> nn.Module:
@@ -67,18 +38,18 @@ def _model_with_state() -> nn.Module:
 def test_estimates_leave_no_trace(curvature: str) -> None:
     model = _model_with_state()
     batch = classification_batch("mlp_tanh")
-    before = _snapshot(model)
+    before = snapshot(model)
     hessian_eigenvalues(model, ce_loss, batch, k=2, which="both", curvature=curvature)
     spectral_density(model, ce_loss, batch, num_probes=3, num_steps=5, curvature=curvature)
     hessian_eigenvalues(model, ce_loss, batch, keep_graphs=False, curvature=curvature, seed=0)
-    _assert_same(model, before)
+    assert_same_state(model, before)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_state_restored_when_the_estimate_is_interrupted(error: BaseException) -> None:
     model = _model_with_state()
     batch = classification_batch("mlp_tanh")
-    before = _snapshot(model)
+    before = snapshot(model)
     calls = {"n": 0}
 
     def failing_loss(m: nn.Module, b):
@@ -93,7 +64,7 @@ def test_state_restored_when_the_estimate_is_interrupted(error: BaseException) -
     calls["n"] = -1  # construction makes calls 0 and 1; the first product's rebuild raises
     with pytest.raises(type(error)):  # fails inside a product (graphs rebuilt per product)
         hessian_eigenvalues(model, failing_loss, batches=[batch, batch], keep_graphs=False)
-    _assert_same(model, before)
+    assert_same_state(model, before)
 
 
 def test_estimate_runs_in_parameter_precision_outside_autocast() -> None:
@@ -122,10 +93,10 @@ def test_inference_mode_caller_is_supported() -> None:
 def test_non_finite_loss_raises_and_restores() -> None:
     model = _model_with_state()
     batch = classification_batch("mlp_tanh")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(FloatingPointError, match="not finite"):
         hessian_eigenvalues(model, lambda m, b: ce_loss(m, b) * float("nan"), batch)
-    _assert_same(model, before)
+    assert_same_state(model, before)
 
 
 def test_compiled_module_is_estimated_eagerly() -> None:

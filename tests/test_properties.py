@@ -13,7 +13,7 @@ from torch import nn
 
 from lr_batch_callback import BatchSizeLaw, hessian_eigenvalues, scaling_factor
 from lr_batch_callback.scaling import CurvatureRule, resolve_rule
-from tests.reference import dense_hessian
+from tests.reference import dense_hessian, eigvalsh
 
 # Smooth activations: no kinks, so the Hessian is the same from every side and has no
 # measure-zero surprises; all of them break the hidden units' permutation symmetry with random
@@ -23,16 +23,6 @@ ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, 
 
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=30, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
-
-
-def _eigvalsh(H: torch.Tensor) -> torch.Tensor:
-    # MKL's threaded eigh is pathologically slow on the two-core test machine; one thread is not.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigvalsh(H)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @st.composite
@@ -71,7 +61,7 @@ def test_lanczos_extremes_match_dense_eigvalsh(problem) -> None:
     model, batch, seed, description = problem
     dim = sum(p.numel() for p in model.parameters())
     assume(dim >= 4)  # which="both" with k=2 wants four eigenvalues
-    dense = _eigvalsh(dense_hessian(model, _mse, batch))  # ascending
+    dense = eigvalsh(dense_hessian(model, _mse, batch))  # ascending
     res = hessian_eigenvalues(model, _mse, batch, k=2, which="both", tol=1e-10, seed=seed,
                               max_iter=dim)
     expected = torch.stack([dense[-1], dense[-2], dense[1], dense[0]])

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import re
 import warnings
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,44 +25,9 @@ from lr_batch_callback import (
     scaling_factor,
     spectral_density,
 )
-from tests.lightning_helpers import LRRecorder, TinyModule, make_dataset
+from tests.lightning_helpers import LRRecorder, MemoryLogger, TinyModule, make_dataset
 from tests.models import SmallBNCNN, ce_loss, classification_batch, mlp_tanh
-from tests.reference import dense_hessian
-
-
-def _eigvalsh(H: torch.Tensor) -> torch.Tensor:
-    # MKL's threaded eigh is pathologically slow on the two-core test machine; one thread is not.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigvalsh(H)
-    finally:
-        torch.set_num_threads(threads)
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), {k: float(v) for k, v in metrics.items()}))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def values(self, key: str) -> dict[int, float]:
-        return {step: m[key] for step, m in self.rows if key in m}
+from tests.reference import assert_same_state, dense_hessian, eigvalsh, snapshot
 
 
 class Snapshot(Callback):
@@ -185,7 +148,7 @@ def test_size_one_batch_matches_the_dense_hessian() -> None:
     model = mlp_tanh().double()
     x, y = classification_batch("mlp_tanh", n=1)
     res = hessian_eigenvalues(model, ce_loss, (x, y), k=2, which="both", tol=1e-10, seed=0)
-    dense = _eigvalsh(dense_hessian(model, ce_loss, (x, y))).flip(0)
+    dense = eigvalsh(dense_hessian(model, ce_loss, (x, y))).flip(0)
     expected = torch.cat([dense[:2], dense[-2:]])
     # One sample's cross-entropy Hessian has rank <= 2 x (classes - 1): tiny eigenvalues everywhere
     # but the ends, which must still come out right.
@@ -365,19 +328,6 @@ def test_checkpoint_is_written_when_measurements_fail(tmp_path) -> None:
 
 # -- KeyboardInterrupt in the functional API -----------------------------------------------------------
 
-def _snapshot(model: nn.Module) -> dict[str, Any]:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modes": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state()[1].copy(),
-    }
-
-
 @pytest.mark.parametrize("interrupt_at_call", [1, 4])  # graph build / mid-Lanczos rebuild
 def test_keyboard_interrupt_during_estimate_restores_model_bit_for_bit(interrupt_at_call) -> None:
     torch.manual_seed(0)
@@ -387,7 +337,7 @@ def test_keyboard_interrupt_during_estimate_restores_model_bit_for_bit(interrupt
     model.fc.eval()  # a mixed-mode model
     model.conv.bias.requires_grad_(False)
     ce_loss(model, (x, y)).backward()  # existing .grad tensors must survive untouched
-    before = _snapshot(model)
+    before = snapshot(model)
     calls = 0
 
     def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
@@ -400,17 +350,7 @@ def test_keyboard_interrupt_during_estimate_restores_model_bit_for_bit(interrupt
     with pytest.raises(KeyboardInterrupt):
         hessian_eigenvalues(model, loss_fn, (x, y), k=2, keep_graphs=False, seed=0)
     assert calls == interrupt_at_call
-    after = _snapshot(model)
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    assert before["modes"] == after["modes"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
-    for a, b in zip(before["grad_values"], after["grad_values"]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert before["python_rng"] == after["python_rng"]
-    assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
+    assert_same_state(model, before)
 
 
 # -- precision -----------------------------------------------------------------------------------------
@@ -420,7 +360,7 @@ def _dense_lambda_max(state: dict[str, torch.Tensor], batch: Any) -> float:
     model.load_state_dict(state)
     x, y = batch
     H = dense_hessian(model, _ce, (x.double(), y))
-    return float(_eigvalsh(H)[-1])
+    return float(eigvalsh(H)[-1])
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
