@@ -93,16 +93,18 @@ def _block_lanczos_steps(
         if basis is not None:
             basis[:, j] = Q
         W = operator.matmat(Q)
-        a = (W.double() * Q.double()).sum(dim=1)
-        norms.append(W.double().norm(dim=1))
+        # Accumulate in float64 without float64 copies of the vectors.
+        a = (W * Q).sum(dim=1, dtype=torch.float64)
+        norms.append(torch.linalg.vector_norm(W, dim=1, dtype=torch.float64))
         alphas.append(a)
         if basis is not None:
-            B = basis[:, : j + 1]
             for _ in range(2):  # CGS2 against each probe's own basis
-                W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.unsqueeze(2))).squeeze(2)
+                for i in range(n):  # matrix-vector products: half the time of a bmm here
+                    B = basis[i, : j + 1]
+                    W[i] -= B.T @ (B @ W[i])
         else:
             W = W - a.to(Q.dtype).unsqueeze(1) * Q - b_prev.unsqueeze(1) * q_prev
-        b = W.double().norm(dim=1)
+        b = torch.linalg.vector_norm(W, dim=1, dtype=torch.float64)
         betas.append(b)
         q_prev, b_prev = Q, b.to(Q.dtype)
         Q = W / b.clamp_min(tiny).to(Q.dtype).unsqueeze(1)

@@ -69,11 +69,17 @@ def isolated(model: nn.Module) -> Iterator[None]:
         True
     """
     modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # (module, name, tensor, copy): the exit writes back only buffers whose values changed, so a
+    # caller's live autograd graph that saved an untouched buffer (eval-mode BatchNorm
+    # statistics) keeps a valid version counter. Values are compared because the native
+    # batch_norm kernel updates running statistics without bumping their version.
+    buffers = [(m, name, b, b.detach().clone())
+               for m in model.modules() for name, b in m._buffers.items() if b is not None]
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    device_types = {t.device.type for t in params} | {b.device.type for b, _ in buffers} | {"cpu"}
+    device_types = ({t.device.type for t in params} | {b[2].device.type for b in buffers}
+                    | {"cpu"})
 
     cuda_devices: list[int] = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -91,8 +97,10 @@ def isolated(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         with torch.no_grad():
-            for buffer, saved in buffers:
-                if buffer.shape == saved.shape:
+            for module, name, buffer, saved in buffers:
+                if module._buffers.get(name) is not buffer:  # reassigned: put the original back
+                    module._buffers[name] = buffer
+                if buffer.shape == saved.shape and not torch.equal(buffer, saved):
                     buffer.copy_(saved)
         for module, mode in modes:
             module.training = mode

@@ -201,7 +201,9 @@ def lanczos(
     else:
         q = _random_unit(dim, generator, like)
 
-    basis = torch.empty((m_max, dim), device=operator.device, dtype=operator.dtype)
+    # The basis grows by doubling: preallocating max_iter rows would reserve gigabytes on an
+    # accelerator for a large model even when the run stops after a few steps.
+    basis = torch.empty((min(m_max, 16), dim), device=operator.device, dtype=operator.dtype)
     alpha_dev: list[Tensor] = []
     beta_dev: list[Tensor] = []
     norms_dev: list[Tensor] = []
@@ -215,13 +217,18 @@ def lanczos(
     eps = torch.finfo(operator.dtype).eps
 
     while m < m_max:
+        if m == basis.shape[0]:
+            grown = torch.empty((min(2 * m, m_max), dim), device=basis.device, dtype=basis.dtype)
+            grown[:m] = basis
+            basis = grown
         basis[m] = q
         w = operator.matvec(q)
         products += 1
-        alpha_dev.append(torch.dot(w.double(), q.double()))
-        norms_dev.append(w.double().norm())
+        # Coefficients accumulate in float64 without float64 copies of the vectors.
+        alpha_dev.append((w * q).sum(dtype=torch.float64))
+        norms_dev.append(torch.linalg.vector_norm(w, dtype=torch.float64))
         w = _orthogonalise(w, basis[: m + 1])
-        b = w.double().norm()
+        b = torch.linalg.vector_norm(w, dtype=torch.float64)
         beta_dev.append(b)
         m += 1
         # Division by a device scalar keeps the loop free of host synchronisation.

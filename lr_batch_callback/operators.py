@@ -259,28 +259,34 @@ class _BatchedCurvature(CurvatureOperator):
 
     # -- products -------------------------------------------------------------------------------
     def _local_matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
+        out: Tensor | None = None
         for i, (batch, n) in enumerate(zip(self.batches, self.sample_counts, strict=True)):
             if self.keep_graphs:
-                graph = self._graphs[i]
-                product = self._apply_rows(graph, V)
+                product = self._apply_rows(self._graphs[i], V)
             else:
                 with self._replay_rng(i):
                     graph = self._build(batch)
                 product = self._apply_rows(graph, V)
                 del graph
-            out.add_(product, alpha=n / self.total_samples)
+            weight = n / self.total_samples
+            if out is None:  # no zero-filled accumulator: one batch is the common case
+                out = product if weight == 1.0 else product.mul_(weight)
+            else:
+                out.add_(product, alpha=weight)
+        assert out is not None
         # On accelerators this test would synchronise with the host at every product; there a
         # non-finite product surfaces instead in Lanczos' coefficients at its stopping test.
+        # A sum is non-finite whenever an entry is (or when huge entries overflow, which are
+        # useless anyway), and costs a tenth of isfinite(out).all().
         if (self.device.type == "cpu" and not self.distributed
-                and not bool(torch.isfinite(out).all())):
+                and not bool(torch.isfinite(out.sum()))):
             raise NonFiniteCurvatureError("A curvature product is not finite (NaN or inf).")
         return out
 
     def _apply_rows(self, graph: Any, V: Tensor) -> Tensor:
-        if V.shape[0] == 1 or not self.batched_products:
-            return torch.stack([self._apply(graph, v.unsqueeze(0))[0] for v in V])
-        return self._apply(graph, V)
+        if V.shape[0] == 1 or self.batched_products:
+            return self._apply(graph, V)
+        return torch.cat([self._apply(graph, V[i : i + 1]) for i in range(V.shape[0])])
 
     def _split(self, V: Tensor) -> list[Tensor]:
         """Rows of ``V`` as per-parameter tensors of shape ``(k, *p.shape)``."""

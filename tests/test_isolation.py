@@ -110,3 +110,26 @@ def test_compiled_module_is_estimated_eagerly() -> None:
     plain = hessian_eigenvalues(model, ce_loss, (x, y), seed=0)
     through_compiled = hessian_eigenvalues(compiled, ce_loss, (x, y), seed=0)
     torch.testing.assert_close(through_compiled.eigenvalues, plain.eigenvalues)
+
+
+def test_callers_live_graph_survives_an_estimate() -> None:
+    """Untouched buffers are not rewritten: an eval-mode BatchNorm graph can still backward."""
+    torch.manual_seed(0)
+    model = _model_with_state()
+    model.eval()
+    x, y = classification_batch("mlp_tanh")
+    loss = ce_loss(model, (x, y))  # saves running_mean/var for its backward
+    hessian_eigenvalues(model, ce_loss, (x, y), seed=0)
+    loss.backward()  # would raise "modified by an inplace operation" if buffers were rewritten
+
+
+def test_reassigned_buffer_is_put_back() -> None:
+    model = _model_with_state()
+    original = model.bn.running_mean
+
+    def loss_fn(m, b):
+        m.bn.running_mean = torch.zeros_like(original)  # a module that swaps its buffers
+        return ce_loss(m, b)
+
+    hessian_eigenvalues(model, loss_fn, classification_batch("mlp_tanh"), seed=0)
+    assert model.bn.running_mean is original
