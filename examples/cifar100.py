@@ -300,6 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--monitor-every", type=int, default=500,
                      help="optimizer steps between Hessian measurements")
+    run.add_argument("--max-overhead", type=float, default=0.05,
+                     help="cap on the fraction of training time spent measuring; 0: no cap")
     run.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
                      help="Hessian or Generalised Gauss-Newton")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     lr_callback = BatchSizeLRCallback(rule=args.rule,
                                       reference_batch_size=args.reference_batch_size,
                                       monitor_every_n_steps=args.monitor_every,
+                                      max_overhead=args.max_overhead or None,
                                       curvature=args.curvature)
     callbacks: list[Any] = [lr_callback]
     if schedule is not None:

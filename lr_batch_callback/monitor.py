@@ -22,9 +22,10 @@ from lr_batch_callback.estimate import hessian_eigenvalues, spectral_density
 
 __all__ = ["MonitorConfig", "SpectrumMonitor", "metric_keys", "PRODUCT_COST_IN_STEPS"]
 
-# A curvature product costs about 2 gradient steps (measured: 2.1x on a ReLU CNN on CPU); a
-# training step is one gradient step plus the optimizer, so 2.5 steps errs on the safe side.
-PRODUCT_COST_IN_STEPS = 2.5
+# A curvature product costs 1.5-2.6 gradient steps (BENCHMARKS.md); a training step is a
+# gradient step plus the optimizer and the loop's own work, so 2 training steps errs on the
+# safe side. Only the first measurement is priced this way; later ones use measured costs.
+PRODUCT_COST_IN_STEPS = 2.0
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -90,8 +91,10 @@ class SpectrumMonitor:
         return forced or bool(every and step > 0 and step % every == 0)
 
     def density_due(self) -> bool:
+        """Whether the next measurement includes a density: the ``density_every``-th, then every
+        ``density_every`` (not the first, so the first measurement is cheap and prices the rest)."""
         every = self.config.density_every
-        return bool(every) and self.measurements % every == 0
+        return bool(every) and self.measurements % every == every - 1
 
     def expected_products(self) -> int:
         """Upper estimate of the products the next measurement uses (warm-started Lanczos

@@ -110,8 +110,11 @@ def test_no_change_is_bit_identical_with_monitoring(tmp_path) -> None:
     def run(with_callback: bool):
         seed_everything(0)  # the same initial weights in both runs
         module = TinyModule(norm=True, dropout=0.2, n=128, optimizer="adamw", lr=1e-2)
-        cbs = [BatchSizeLRCallback(monitor_every_n_steps=2, density_every=2)] if with_callback else []
+        cbs = ([BatchSizeLRCallback(monitor_every_n_steps=2, density_every=2, max_overhead=None)]
+               if with_callback else [])
         trainer = _fit(module, cbs, tmp_path, epochs=2)
+        if with_callback:
+            assert cbs[0].monitor.measurements == trainer.global_step // 2  # it did measure
         return module, trainer.optimizers[0].state_dict()
 
     with pytest.warns(UserWarning, match="training_step"):

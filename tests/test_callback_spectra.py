@@ -71,7 +71,7 @@ def test_csv_logged_lambda_max_matches_dense_reference(tmp_path) -> None:
     # the JSON files hold the same spectra, with densities every second measurement
     records = load_spectra(logger.log_dir)
     assert [r["step"] for r in records] == steps
-    assert [bool(r["density"]) for r in records] == [i % 2 == 0 for i in range(len(records))]
+    assert [bool(r["density"]) for r in records] == [i % 2 == 1 for i in range(len(records))]
     for r, row in zip(records, rows):
         assert r["lambda_max"] == pytest.approx(float(row["hessian/lambda_max"]), rel=1e-12)
         assert r["effective_batch_size"] == 16
@@ -94,7 +94,7 @@ def test_tensorboard_event_files_hold_the_spectra(tmp_path) -> None:
     for e in events:
         assert e.value == pytest.approx(_dense_lambda_max(*snap.saved[e.step]), rel=1e-4)
     hist = acc.Histograms("hessian/density")
-    assert len(hist) == math.ceil(len(events) / 2)
+    assert len(hist) == len(events) // 2  # densities at the 2nd, 4th, ... measurement
     assert "hessian/density_figure" in acc.Tags()["images"]
 
 
@@ -143,12 +143,15 @@ def test_budget_prices_the_first_measurement_from_the_step_time(monkeypatch) -> 
     mon = SpectrumMonitor(MonitorConfig(max_iter=30, density_every=4, density_probes=4,
                                         density_steps=20, max_overhead=0.05))
     mon.start()
-    clock["t"] = 100.0  # 1000 steps of 0.1 s: a product is priced at 0.25 s
-    expected = PRODUCT_COST_IN_STEPS * 0.1 * (30 + 4 * 20)  # the first one has a density: 27.5 s
-    assert not mon.within_budget(steps=1000)  # 27.5 s > 5% of 100 s
+    clock["t"] = 100.0  # 1000 steps of 0.1 s: a product is priced at 0.2 s
+    expected = PRODUCT_COST_IN_STEPS * 0.1 * 30  # max_iter products, no density the first time
+    assert not mon.within_budget(steps=1000)  # 6 s > 5% of 100 s
     assert mon._predicted_seconds == pytest.approx(expected)
     clock["t"] = 600.0  # 6000 steps: 5% is 30 s
     assert mon.within_budget(steps=6000)
+    mon.measurements = 3  # the fourth measurement carries a density of 4 probes x 20 steps
+    mon.within_budget(steps=6000)
+    assert mon._predicted_seconds == pytest.approx(PRODUCT_COST_IN_STEPS * 0.1 * (30 + 80))
     mon.config.max_overhead = None
     assert mon.within_budget(steps=1)
 

@@ -93,7 +93,8 @@ def test_cifar100_fake_data_tiny_wrn(tmp_path: Path) -> None:
     out = run_example(
         "examples/cifar100.py", "--fake-data", "--fake-size", "16", "--model", "wrn",
         "--depth", "10", "--width", "1", "--batch-size", "8", "--batch-size-schedule", "0:8,1:16",
-        "--max-steps", "3", "--monitor-every", "1", "--num-workers", "0", "--device", "cpu",
+        "--max-steps", "3", "--monitor-every", "1", "--max-overhead", "0", "--num-workers", "0",
+        "--device", "cpu",
         "--output-dir", str(run_dir),
     )
     assert "WRN-10-1" in out
