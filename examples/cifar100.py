@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from common import (
+    Classifier,
     HelpFormatter,
     accelerator,
     default_run_dir,
@@ -217,7 +218,7 @@ def paper_lr_decay(epochs: int) -> Any:
     return factor
 
 
-class CIFARClassifier(L.LightningModule):
+class CIFARClassifier(Classifier):
     """Cross-entropy training with SGD (momentum 0.9) or AdamW and the decay above."""
 
     def __init__(self, network: nn.Module, optimizer: str, lr: float, weight_decay: float,
@@ -228,28 +229,6 @@ class CIFARClassifier(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.epochs = epochs
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def curvature_loss(self, batch: Any) -> Tensor:
-        """The loss whose Hessian is measured: the training batch's mean cross-entropy."""
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("train_acc", (logits.argmax(1) == y).float().mean())
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":

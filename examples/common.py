@@ -175,26 +175,10 @@ def build_optimizer(name: str, params: Any, lr: float, momentum: float = 0.9
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
 
 
-class DigitsClassifier(L.LightningModule):
-    """Cross-entropy classification of the digits with a small CNN or MLP.
+class Classifier(L.LightningModule):
+    """Cross-entropy classification around ``self.net``: the steps every example shares."""
 
-    Args:
-        model: ``"cnn"`` or ``"mlp"``.
-        optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
-        lr: learning rate at the reference batch size (32); default 0.01 for SGD, 1e-3 for Adam.
-        momentum: SGD momentum.
-    """
-
-    def __init__(self, model: str = "cnn", optimizer: str = "sgd", lr: float | None = None,
-                 momentum: float = 0.9) -> None:
-        super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        self.save_hyperparameters()
-        self.net = build_model(model)
-        self.optimizer_name = optimizer
-        self.lr = DEFAULT_LR[optimizer] if lr is None else lr
-        self.momentum = momentum
+    net: nn.Module
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -221,6 +205,28 @@ class DigitsClassifier(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+
+class DigitsClassifier(Classifier):
+    """Cross-entropy classification of the digits with a small CNN or MLP.
+
+    Args:
+        model: ``"cnn"`` or ``"mlp"``.
+        optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
+        lr: learning rate at the reference batch size (32); default 0.01 for SGD, 1e-3 for Adam.
+        momentum: SGD momentum.
+    """
+
+    def __init__(self, model: str = "cnn", optimizer: str = "sgd", lr: float | None = None,
+                 momentum: float = 0.9) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        self.save_hyperparameters()
+        self.net = build_model(model)
+        self.optimizer_name = optimizer
+        self.lr = DEFAULT_LR[optimizer] if lr is None else lr
+        self.momentum = momentum
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.optimizer_name, self.parameters(), self.lr, self.momentum)
