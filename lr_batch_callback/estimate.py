@@ -151,7 +151,7 @@ def spectral_density(
     grid_size: int = 1000,
     seed: int | None = None,
     params: Sequence[Tensor] | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     reorthogonalize: bool = True,
     batches: Sequence[Any] | None = None,
     micro_batch_size: int | None = None,
@@ -172,7 +172,10 @@ def spectral_density(
             The value used is stored on the result.
         grid_size: minimum number of grid points (more are used when ``sigma`` needs them).
         seed: seed of the probes.
-        batched: advance all probes with one batched product per step (faster).
+        batched: advance all probes together, one (vmap-)batched product per step; ``False``
+            runs the probes one after another. Default: together on accelerators; one after
+            another on CPU, where products are looped anyway and the joint basis would only cost
+            memory (``num_probes`` times more).
         reorthogonalize: full reorthogonalisation per probe (memory ``num_probes·num_steps·P``).
 
     Returns:
@@ -201,6 +204,8 @@ def spectral_density(
             seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(operator.device)
             seed = int(operator.broadcast_(seed_tensor).item())
         probes = rademacher_probes(num_probes, operator.dim, torch.Generator().manual_seed(seed))
+        if batched is None:
+            batched = operator.device.type != "cpu"
         nodes, weights = slq_quadrature(operator, probes, num_steps, batched=batched,
                                         reorthogonalize=reorthogonalize)
         products = operator.num_products
