@@ -214,7 +214,6 @@ class BatchSizeLRCallback(Callback):
         self._last_step = -1
         self._first_step = 0
         self._measure_next = False
-        self._monitoring_disabled: str | None = None
         self._fallback_warned = False
         self._pool: list[Any] = []
         self._pool_size = 0
@@ -330,10 +329,9 @@ class BatchSizeLRCallback(Callback):
         if trainer.global_step == self._last_step:
             return  # no optimizer step (gradient accumulation): nothing changed
         self._last_step = trainer.global_step
-        rule_needs_law = any(isinstance(r, CurvatureRule) for r in self._rules)
-        if rule_needs_law:
+        if self._uses_law:
             self._collect_for_law(batch)
-        if self._law_due and rule_needs_law and self._pool_size >= min(self.law_samples, 64):
+        if self._law_due and self._uses_law and self._pool_size >= min(self.law_samples, 64):
             self._refit_law(trainer, pl_module)
         if self.monitor.config.every_n_steps is None and not self._measure_next:
             return
@@ -387,7 +385,7 @@ class BatchSizeLRCallback(Callback):
             self._law_due = True
             if self.monitor_on_batch_size_change and self.monitor.config.every_n_steps is not None:
                 self._measure_next = True
-        elif force_log and any(isinstance(r, CurvatureRule) for r in self._rules):
+        elif force_log and self._uses_law:
             self._law_due = self.law is None
         self._apply(trainer, announce=changed or force_log)
 
@@ -461,17 +459,17 @@ class BatchSizeLRCallback(Callback):
         return None
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        if self._monitoring_disabled is None:
-            blocker = self._monitoring_blocker(pl_module)
-            if blocker:
-                self._monitoring_disabled = blocker
-                rank_zero_warn(f"Hessian monitoring turned off: {blocker}.")
-        if self._monitoring_disabled or self.monitor.disabled:
+        if self.monitor.disabled:
+            return
+        blocker = self._monitoring_blocker(pl_module)
+        if blocker:
+            self.monitor.disabled = blocker
+            rank_zero_warn(f"Hessian monitoring turned off: {blocker}.")
             return
         try:
             loss_fn = self._loss_fn(pl_module)
         except MisconfigurationException as exc:
-            self._monitoring_disabled = str(exc)
+            self.monitor.disabled = str(exc)
             rank_zero_warn(f"Hessian monitoring turned off: {exc}")
             return
         distributed = trainer.world_size > 1
@@ -528,6 +526,10 @@ class BatchSizeLRCallback(Callback):
                 logger.experiment.add_figure(f"{tag}_figure", fig, global_step=trainer.global_step)
             except Exception as exc:  # a plotting problem must not cost the run
                 rank_zero_warn(f"Could not write the density to TensorBoard: {exc}")
+
+    @property
+    def _uses_law(self) -> bool:
+        return any(isinstance(r, CurvatureRule) for r in self._rules)
 
     def _set_law_on_rules(self) -> bool:
         """Give the fitted law to the curvature rules if it is good enough; say whether it was."""
