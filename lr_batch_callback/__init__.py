@@ -1,32 +1,83 @@
 """lr_batch_callback: batch-size-aware learning rates and batch-Hessian spectra for Lightning.
 
-Public names (DESIGN §4 and the user-facing extras):
+Public names:
 
-- :func:`hessian_eigenvalues`, :func:`spectral_density` — the curvature engine's estimates;
+- :func:`hessian_eigenvalues`, :func:`spectral_density` — the curvature engine's estimates, on
+  top of :class:`HessianOperator`, :class:`GGNOperator` (or any :class:`CurvatureOperator`) and
+  the algorithms :func:`lanczos` and :func:`slq`;
 - :func:`scaling_factor`, :class:`LRScaler` — batch-size LR rules and the step-time LR factor;
-- :class:`BatchSizeLRCallback`, :class:`BatchSizeSchedule` — the Lightning callbacks;
+- :class:`BatchSizeLRCallback` (LR scaling and spectrum monitoring), :class:`BatchSizeLRScaling`
+  (LR only), :class:`SpectrumMonitor` (spectra only), :class:`BatchSizeSchedule` — the
+  Lightning callbacks, with :class:`MonitorConfig` and :class:`LawConfig`;
 - :class:`BatchSizeLaw`, :func:`fit_batch_size_law`, :func:`estimate_batch_size_law` — λ(B);
-- :func:`load_spectra`, :func:`plot_spectra` — reading back and plotting logged spectra.
+- :class:`SpectrumRecord`, :func:`load_spectra`, :func:`plot_spectra` — measurements, read back.
+
+The engine and the LR rules never import Lightning: ``from lr_batch_callback import LRScaler``
+works (and is fast) without it. The Lightning callbacks are loaded on first use.
 """
 
-from lr_batch_callback.callback import BatchSizeLRCallback
-from lr_batch_callback.estimate import hessian_eigenvalues, spectral_density
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lr_batch_callback.engine.density import slq
+from lr_batch_callback.engine.estimate import hessian_eigenvalues, spectral_density
+from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
+from lr_batch_callback.engine.operators import CurvatureOperator, GGNOperator, HessianOperator
 from lr_batch_callback.law import BatchSizeLaw, estimate_batch_size_law, fit_batch_size_law
+from lr_batch_callback.record import SpectrumRecord
 from lr_batch_callback.reporting import load_spectra, plot_spectra
 from lr_batch_callback.scaling import LRScaler, scaling_factor
-from lr_batch_callback.schedule import BatchSizeSchedule
+
+if TYPE_CHECKING:
+    from lr_batch_callback.callbacks import (
+        BatchSizeLRCallback,
+        BatchSizeLRScaling,
+        BatchSizeSchedule,
+        LawConfig,
+        MonitorConfig,
+        SpectrumMonitor,
+    )
+
+# Names whose modules import Lightning: imported when first asked for (PEP 562).
+_LIGHTNING = {"BatchSizeLRCallback", "BatchSizeLRScaling", "BatchSizeSchedule", "LawConfig",
+              "MonitorConfig", "SpectrumMonitor"}
 
 __all__ = [
     "BatchSizeLRCallback",
+    "BatchSizeLRScaling",
     "BatchSizeLaw",
     "BatchSizeSchedule",
+    "CurvatureOperator",
+    "GGNOperator",
+    "HessianOperator",
     "LRScaler",
+    "LanczosOptions",
+    "LawConfig",
+    "MonitorConfig",
+    "SpectrumMonitor",
+    "SpectrumRecord",
     "estimate_batch_size_law",
     "fit_batch_size_law",
     "hessian_eigenvalues",
+    "lanczos",
     "load_spectra",
     "plot_spectra",
     "scaling_factor",
+    "slq",
     "spectral_density",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        value = getattr(importlib.import_module("lr_batch_callback.callbacks"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lr_batch_callback' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LIGHTNING)

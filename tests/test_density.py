@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lr_batch_callback import spectral_density
-from lr_batch_callback.density import broaden, rademacher_probes, slq_quadrature
+from lr_batch_callback import HessianOperator
+from lr_batch_callback.engine.density import broaden, rademacher_probes, slq, slq_quadrature
 from tests.models import ce_loss, classification_batch, make
 from tests.reference import dense_hessian
 from tests.test_lanczos import MatrixOperator
@@ -44,9 +45,9 @@ def test_batched_equals_sequential() -> None:
     model = make("dropout")
     batch = classification_batch("dropout")
     torch.manual_seed(0)
-    a = spectral_density(model, ce_loss, batch, num_probes=4, num_steps=12, seed=5, batched=True)
+    a = slq(HessianOperator(model, ce_loss, [batch]), 4, 12, seed=5, batched=True)
     torch.manual_seed(0)
-    b = spectral_density(model, ce_loss, batch, num_probes=4, num_steps=12, seed=5, batched=False)
+    b = slq(HessianOperator(model, ce_loss, [batch]), 4, 12, seed=5, batched=False)
     torch.testing.assert_close(a.nodes, b.nodes, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(a.weights, b.weights, rtol=1e-8, atol=1e-10)
     assert a.num_products == b.num_products == 48

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lr_batch_callback import hessian_eigenvalues, spectral_density
+from lr_batch_callback import HessianOperator, hessian_eigenvalues, lanczos, spectral_density
+from lr_batch_callback.engine.estimate import OperatorOptions
 from tests.models import ce_loss, classification_batch
 from tests.reference import assert_same_state, snapshot
 
@@ -41,7 +42,8 @@ def test_estimates_leave_no_trace(curvature: str) -> None:
     before = snapshot(model)
     hessian_eigenvalues(model, ce_loss, batch, k=2, which="both", curvature=curvature)
     spectral_density(model, ce_loss, batch, num_probes=3, num_steps=5, curvature=curvature)
-    hessian_eigenvalues(model, ce_loss, batch, keep_graphs=False, curvature=curvature, seed=0)
+    hessian_eigenvalues(model, ce_loss, batch, curvature=curvature, seed=0,
+                        options=OperatorOptions(keep_graphs=False))
     assert_same_state(model, before)
 
 
@@ -60,10 +62,10 @@ def test_state_restored_when_the_estimate_is_interrupted(error: BaseException) -
         return loss
 
     with pytest.raises(type(error)):  # fails while building the second batch's graph
-        hessian_eigenvalues(model, failing_loss, batches=[batch, batch])
+        lanczos(HessianOperator(model, failing_loss, [batch, batch]))
     calls["n"] = -1  # construction makes calls 0 and 1; the first product's rebuild raises
     with pytest.raises(type(error)):  # fails inside a product (graphs rebuilt per product)
-        hessian_eigenvalues(model, failing_loss, batches=[batch, batch], keep_graphs=False)
+        lanczos(HessianOperator(model, failing_loss, [batch, batch], keep_graphs=False))
     assert_same_state(model, before)
 
 

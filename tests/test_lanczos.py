@@ -9,21 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from lr_batch_callback import hessian_eigenvalues
-from lr_batch_callback.lanczos import lanczos
-from lr_batch_callback.operators import CurvatureOperator
+from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
+from lr_batch_callback.engine.operators import CurvatureOperator
 from tests.models import ce_loss, classification_batch, make
 from tests.reference import dense_ggn, dense_hessian
 
 
-class MatrixOperator(CurvatureOperator):
+def MatrixOperator(A: torch.Tensor) -> CurvatureOperator:
     """A dense symmetric matrix as an operator (for tests of Lanczos itself)."""
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__([A[0]])
-        self.A = A
-
-    def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return V @ self.A
+    return CurvatureOperator.from_matrix(A)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,8 +115,8 @@ def test_no_two_step_trap() -> None:
 def test_check_every_gives_same_answer() -> None:
     Q, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64))
     A = Q @ torch.diag(torch.linspace(-2, 3, 100, dtype=torch.float64)) @ Q.T
-    a = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, check_every=1)
-    b = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, check_every=5)
+    a = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, options=LanczosOptions(check_every=1))
+    b = lanczos(MatrixOperator(A), k=2, tol=1e-8, seed=3, options=LanczosOptions(check_every=5))
     torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=0)
     assert b.num_products % 5 == 0 or b.num_products == 100
 

@@ -19,15 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lr_batch_callback.batching import index_batch
+from lr_batch_callback.engine.batching import index_batch
 from lr_batch_callback.law import (
     BatchSizeLaw,
-    _default_batch_sizes,
-    _sub_batch_plan,
     estimate_batch_size_law,
     fit_batch_size_law,
     noise_scale_from_products,
 )
+from lr_batch_callback.law.measure import _default_batch_sizes, _sub_batch_plan
 
 # -- synthetic spiked Wigner matrices --------------------------------------------------------------
 # λ₁ = 10, P = 400, σ = 1: c = Pσ²/λ₁ = 40, B* = Pσ²/λ₁² = 4. With s² = σ²(1/B − 1/N) the BBP
@@ -370,7 +369,7 @@ def test_default_ladder() -> None:
 
 
 def test_estimate_matches_dense_eigenvalues_of_the_same_sub_batches() -> None:
-    pytest.importorskip("lr_batch_callback.estimate")
+    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     sizes, draws, seed = (8, 16, 32, 64, 128, 256), 3, 7
     rng_before = torch.get_rng_state()
@@ -393,7 +392,7 @@ def test_estimate_matches_dense_eigenvalues_of_the_same_sub_batches() -> None:
 
 
 def test_estimate_is_reproducible_with_a_seed() -> None:
-    pytest.importorskip("lr_batch_callback.estimate")
+    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     runs = [
         estimate_batch_size_law(model, _ce, batch, batch_sizes=(16, 64, 256), draws=2, seed=3)
@@ -404,7 +403,7 @@ def test_estimate_is_reproducible_with_a_seed() -> None:
 
 
 def test_estimate_warns_when_lanczos_does_not_converge() -> None:
-    pytest.importorskip("lr_batch_callback.estimate")
+    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     with pytest.warns(RuntimeWarning, match=r"4 of 4 Lanczos runs .* max_iter=3"):
         estimate_batch_size_law(

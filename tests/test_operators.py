@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lr_batch_callback.isolation import isolated
-from lr_batch_callback.operators import GGNOperator, HessianOperator, make_operator
+from lr_batch_callback.engine.isolation import isolated
+from lr_batch_callback.engine.operators import GGNOperator, HessianOperator, make_operator
 from tests.models import ce_loss, classification_batch, make
 from tests.reference import dense_ggn, dense_hessian, finite_difference_hvp
 

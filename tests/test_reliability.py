@@ -25,6 +25,7 @@ from lr_batch_callback import (
     scaling_factor,
     spectral_density,
 )
+from lr_batch_callback.engine.estimate import OperatorOptions
 from tests.lightning_helpers import LRRecorder, MemoryLogger, TinyModule, make_dataset
 from tests.models import SmallBNCNN, ce_loss, classification_batch, mlp_tanh
 from tests.reference import assert_same_state, dense_hessian, eigvalsh, snapshot
@@ -348,7 +349,8 @@ def test_keyboard_interrupt_during_estimate_restores_model_bit_for_bit(interrupt
         return ce_loss(m, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        hessian_eigenvalues(model, loss_fn, (x, y), k=2, keep_graphs=False, seed=0)
+        hessian_eigenvalues(model, loss_fn, (x, y), k=2, seed=0,
+                            options=OperatorOptions(keep_graphs=False))
     assert calls == interrupt_at_call
     assert_same_state(model, before)
 

@@ -1,4 +1,5 @@
-r"""How the batch curvature falls with the batch size, and what that means for the learning rate.
+r"""The batch-size law of the batch curvature's top eigenvalue, and what it means for the LR.
+
 
 The batch Hessian :math:`H_B` is the empirical Hessian :math:`H` (whole data set of :math:`N`
 samples) plus a zero-mean fluctuation whose entry variance is :math:`\sigma^2(1/B - 1/N)` when
@@ -14,36 +15,25 @@ local quadratic while :math:`\eta < 2(1+\mu)/\lambda(B)`, so the largest stable 
 :math:`\propto B` while the noise term dominates and saturates at :math:`2(1+\mu)/a` past the
 *critical batch size* :math:`B^* = c/a = P\sigma^2/\lambda_1^2`.
 
-This module fits that law to measured top eigenvalues (:func:`fit_batch_size_law`), measures them
-on sub-batches of one large batch (:func:`estimate_batch_size_law`), estimates the noise scale
-:math:`P\sigma^2` from Hessian-vector products (:func:`noise_scale_from_products`), and turns a
-fitted :class:`BatchSizeLaw` into learning rates. Everything except
-:func:`estimate_batch_size_law` is NumPy arithmetic; torch is imported only where a model is.
+:class:`BatchSizeLaw` holds a fitted law (constants, fit statistics, observations) and turns it
+into predictions, critical batch sizes and learning-rate factors. Fits live in
+:mod:`~lr_batch_callback.law.fit`, measurements on a model in :mod:`~lr_batch_callback.law.measure`.
+NumPy arithmetic only.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from lr_batch_callback._checks import check_choice
 
-    from lr_batch_callback.operators import LossFn
-
-__all__ = [
-    "BatchSizeLaw",
-    "estimate_batch_size_law",
-    "fit_batch_size_law",
-    "noise_scale_from_products",
-]
+__all__ = ["CURVATURES", "BatchSizeLaw", "curvature_lr_factor"]
 
 CURVATURES = ("hessian", "ggn")
 
@@ -66,11 +56,8 @@ def _as_vector(values: Any, name: str) -> NDArray[np.float64]:
 
 
 def _check_curvature(curvature: str) -> None:
-    if curvature not in CURVATURES:
-        raise ValueError(
-            f"curvature must be one of {CURVATURES}, got {curvature!r}. Use 'hessian' for the full "
-            "Hessian or 'ggn' for the Generalised Gauss-Newton."
-        )
+    check_choice(curvature, "curvature", CURVATURES,
+                 hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised Gauss-Newton.")
 
 
 def _check_dataset_size(dataset_size: float | None, largest_batch: float | None) -> float | None:
@@ -104,6 +91,29 @@ def _excess_variance_factor(
     r"""The finite-population factor :math:`x = 1/B - 1/N`, clamped at 0 (see ``predict``)."""
     inverse_population = 0.0 if population is None else 1.0 / population
     return np.maximum(1.0 / batch_sizes - inverse_population, 0.0)
+
+
+
+def curvature_lr_factor(lambda_old: float, lambda_new: float, adaptive: bool) -> float:
+    r"""The LR factor that keeps the same fraction of the stability limit when the top eigenvalue
+    moves from ``lambda_old`` to ``lambda_new``: :math:`\lambda_{old}/\lambda_{new}` for SGD, its
+    square root for Adam-family optimizers (``adaptive``), which divide by
+    :math:`\sqrt{v}\sim\sqrt{\lambda}`.
+
+    Raises:
+        ValueError: unless both eigenvalues are finite and > 0.
+
+    Example:
+        >>> curvature_lr_factor(8.0, 2.0, adaptive=False), curvature_lr_factor(8.0, 2.0, adaptive=True)
+        (4.0, 2.0)
+    """
+    if not all(math.isfinite(lam) and lam > 0.0 for lam in (lambda_old, lambda_new)):
+        raise ValueError(
+            f"Eigenvalue ratios need finite top eigenvalues > 0, got {lambda_old!r} and "
+            f"{lambda_new!r}."
+        )
+    ratio = lambda_old / lambda_new
+    return math.sqrt(ratio) if adaptive else ratio
 
 
 # -- the law ---------------------------------------------------------------------------------------
@@ -341,8 +351,7 @@ class BatchSizeLaw:
         new = self.predict(float(new_batch_size))
         self._require_positive(old, old_batch_size)
         self._require_positive(new, new_batch_size)
-        ratio = old / new
-        return math.sqrt(ratio) if adaptive else ratio
+        return curvature_lr_factor(old, new, adaptive)
 
     def _require_positive(self, curvature: float | NDArray[np.float64], batch_size: Any) -> None:
         if np.any(np.asarray(curvature) <= 0):
@@ -405,343 +414,3 @@ class BatchSizeLaw:
             f"N = {n}, B* = c/a = {self.critical_batch_size:.4g}, R^2 = {self.r_squared:.3f} "
             f"({len(self.eigenvalues)} observations)"
         )
-
-
-# -- fitting ---------------------------------------------------------------------------------------
-def fit_batch_size_law(
-    batch_sizes: ArrayLike,
-    eigenvalues: ArrayLike,
-    dataset_size: float | None = None,
-    *,
-    curvature: str = "hessian",
-) -> BatchSizeLaw:
-    r"""Least-squares fit of :math:`\lambda(B) = a + c\,x` with :math:`x = 1/B - 1/N`.
-
-    Ordinary least squares on the centred regressor (exact for noiseless data):
-    :math:`c = \sum (x_i-\bar x)(y_i-\bar y) / S_{xx}`, :math:`a = \bar y - c\bar x`, and
-    :math:`R^2 = 1 - \mathrm{RSS}/\mathrm{TSS}` (1 when every eigenvalue is the same). Several draws
-    at one batch size are several observations: pass each separately, so that their scatter
-    enters the error estimates.
-
-    Standard errors come from the residuals, but not through one pooled residual variance: the
-    scatter of a batch's top eigenvalue grows with its noise (about like :math:`\sqrt{x}` in the
-    BBP regime), so the small batches that determine :math:`c` are the noisiest, and the classical
-    :math:`\sqrt{s^2/S_{xx}}` understates :math:`\mathrm{se}(c)` (by 2x on the spiked-Wigner test
-    problem) while overstating :math:`\mathrm{se}(a)`. Both estimates are linear in the data,
-    :math:`\hat\beta = \sum_i w_i y_i`, so the heteroscedasticity-consistent (HC3) variance
-    :math:`\sum_i w_i^2 r_i^2/(1-h_i)^2` is used, with :math:`r_i` the residuals and
-    :math:`h_i = 1/n + (x_i-\bar x)^2/S_{xx}` the leverages. When some observation has leverage 1
-    (its residual is then zero whatever its noise, e.g. a single draw at one of only two batch
-    sizes) HC3 says nothing and the classical :math:`s^2 = \mathrm{RSS}/(n-2)` is used instead.
-
-    Args:
-        batch_sizes: :math:`B_i \ge 1`, one per observation.
-        eigenvalues: the top eigenvalue :math:`\lambda_i` measured at :math:`B_i`.
-        dataset_size: :math:`N \ge \max B_i`, or ``None`` for an infinite data set.
-        curvature: ``"hessian"`` or ``"ggn"``, recorded on the law.
-
-    Returns:
-        The fitted :class:`BatchSizeLaw`, observations included.
-
-    Raises:
-        ValueError: for mismatched lengths, fewer than 3 observations or 2 distinct batch sizes,
-            non-finite values, a batch size below 1, or a data set smaller than a batch.
-
-    Example:
-        >>> law = fit_batch_size_law([8, 32, 128, 512], [10 + 40 / b for b in (8, 32, 128, 512)])
-        >>> round(law.lambda_emp, 6), round(law.noise_coefficient, 6), law.r_squared
-        (10.0, 40.0, 1.0)
-    """
-    _check_curvature(curvature)
-    sizes = _as_vector(batch_sizes, "batch_sizes")
-    values = _as_vector(eigenvalues, "eigenvalues")
-    if sizes.size != values.size:
-        raise ValueError(
-            f"batch_sizes and eigenvalues must have one entry per observation, got {sizes.size} "
-            f"batch sizes and {values.size} eigenvalues."
-        )
-    if sizes.size < 3:
-        raise ValueError(
-            f"The fit needs at least 3 observations (two constants and a residual variance), got "
-            f"{sizes.size}. Measure more batch sizes or more draws per batch size."
-        )
-    for name, array in (("batch_sizes", sizes), ("eigenvalues", values)):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            index = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{name} must be finite, got {float(array[index])!r} at position {index}. Drop "
-                "that observation (a diverged loss or a failed eigenvalue run)."
-            )
-    if (sizes < 1).any():
-        raise ValueError(
-            f"batch sizes must be at least 1 sample, got {float(sizes[sizes < 1][0])!r}. Pass "
-            "numbers of samples, not fractions of the data set."
-        )
-    distinct = np.unique(sizes)
-    if distinct.size < 2:
-        raise ValueError(
-            f"The fit needs at least 2 distinct batch sizes to separate a from c, got only "
-            f"{distinct[0]:g}. Measure at another batch size too."
-        )
-    population = _check_dataset_size(dataset_size, float(sizes.max()))
-
-    x = _excess_variance_factor(sizes, population)
-    n = x.size
-    x_mean, y_mean = x.mean(), values.mean()
-    dx, dy = x - x_mean, values - y_mean
-    sxx = float(dx @ dx)
-    slope = float(dx @ dy) / sxx
-    intercept = float(y_mean - slope * x_mean)
-    residuals = values - (intercept + slope * x)
-    rss = float(residuals @ residuals)
-    tss = float(dy @ dy)
-    # a and c as weighted sums of the observations, for the sandwich variance below.
-    slope_weights = dx / sxx
-    intercept_weights = 1.0 / n - x_mean * slope_weights
-    leverage = 1.0 / n + dx * slope_weights
-    if np.all(leverage < 1.0 - 1e-9):
-        observation_variance = residuals**2 / (1.0 - leverage) ** 2  # HC3
-    else:
-        observation_variance = np.full(n, rss / (n - 2))
-    return BatchSizeLaw(
-        lambda_emp=intercept,
-        noise_coefficient=slope,
-        dataset_size=population,
-        lambda_emp_stderr=math.sqrt(float(intercept_weights**2 @ observation_variance)),
-        noise_coefficient_stderr=math.sqrt(float(slope_weights**2 @ observation_variance)),
-        r_squared=1.0 - rss / tss if tss > 0 else 1.0,
-        batch_sizes=tuple(sizes.tolist()),
-        eigenvalues=tuple(values.tolist()),
-        curvature=curvature,
-    )
-
-
-# -- the noise scale from products -----------------------------------------------------------------
-def noise_scale_from_products(
-    products: ArrayLike,
-    batch_sizes: ArrayLike,
-    reference: ArrayLike,
-    reference_size: float | None = None,
-) -> float:
-    r"""Estimate the noise scale :math:`P\sigma^2` from curvature-vector products of sub-batches.
-
-    For a fixed unit vector :math:`v` and batches of :math:`B_k` samples drawn without
-    replacement from a reference set of :math:`n` samples (a large batch, or the data set), the
-    finite-population identity gives
-
-    .. math:: \mathbb E\,\|H_{B_k} v - H_n v\|^2 = S_v^2\,(1/B_k - 1/n),
-              \qquad S_v^2 = \tfrac{1}{n-1}\textstyle\sum_i \|h_i v - H_n v\|^2,
-
-    with :math:`h_i` the per-sample curvatures. Under the Wigner model of the batch noise
-    :math:`S_v^2 = P\sigma^2` for every unit :math:`v`; for anisotropic noise, the top
-    eigenvector is the direction to use, since :math:`\|(H_B - H)u_1\|^2/\lambda_1` is the
-    second-order shift of :math:`\lambda_1`. The scatter of :math:`\|H_{B_k}v - H_n v\|^2` grows
-    like its mean, so the efficient estimate is the plain mean of the ratios
-    :math:`\|H_{B_k}v - H_n v\|^2 / (1/B_k - 1/n)`. Divide by :math:`\lambda_1` to get the law's
-    :math:`c` (compare :attr:`BatchSizeLaw.noise_scale`).
-
-    Args:
-        products: :math:`H_{B_k} v`, one row per sub-batch (shape ``(m, P)``).
-        batch_sizes: :math:`B_k`, one per row.
-        reference: :math:`H_n v`, the product with the reference curvature (shape ``(P,)``).
-        reference_size: :math:`n`, the samples behind ``reference``; ``None`` when it is the
-            curvature of an infinite population.
-
-    Returns:
-        The estimate of :math:`P\sigma^2` (rows with :math:`B_k = n` carry no information and are
-        skipped).
-
-    Raises:
-        ValueError: for mismatched shapes, non-finite values, batch sizes outside
-            :math:`[1, n]`, or no row with :math:`B_k < n`.
-
-    Example:
-        >>> rng = np.random.default_rng(0)
-        >>> sizes = np.repeat([16.0, 64.0], 200)
-        >>> noise = rng.normal(size=(400, 50)) * np.sqrt(2.0 / 50 / sizes[:, None])
-        >>> round(noise_scale_from_products(noise, sizes, np.zeros(50)), 1)  # P sigma^2 = 2
-        2.0
-    """
-    if hasattr(products, "detach"):
-        products = products.detach().cpu().numpy()
-    rows = np.array(products, dtype=np.float64)
-    sizes = _as_vector(batch_sizes, "batch_sizes")
-    centre = _as_vector(reference, "reference")
-    if rows.ndim != 2 or rows.shape[0] != sizes.size or rows.shape[1] != centre.size:
-        raise ValueError(
-            f"products must have one row of length {centre.size} (the reference's length) per "
-            f"batch size ({sizes.size}), got shape {rows.shape}."
-        )
-    if not (np.isfinite(rows).all() and np.isfinite(sizes).all() and np.isfinite(centre).all()):
-        raise ValueError("products, batch_sizes and reference must be finite; got NaN or inf.")
-    if (sizes < 1).any():
-        raise ValueError(
-            f"batch sizes must be at least 1 sample, got {float(sizes[sizes < 1][0])!r}."
-        )
-    population = _check_dataset_size(reference_size, float(sizes.max()))
-    x = _excess_variance_factor(sizes, population)
-    informative = x > 0
-    if not informative.any():
-        raise ValueError(
-            f"Every batch size equals reference_size={reference_size!r}: those products equal the "
-            "reference and say nothing about the noise. Use smaller sub-batches."
-        )
-    squared_deviation = ((rows[informative] - centre) ** 2).sum(axis=1)
-    return float(np.mean(squared_deviation / x[informative]))
-
-
-# -- measuring the law on a model ------------------------------------------------------------------
-def _default_batch_sizes(n: int, num: int = 5) -> list[int]:
-    """A geometric ladder of about ``num`` sizes from ``max(2, n/64)`` to ``n``."""
-    sizes = np.geomspace(max(2.0, n / 64), n, num)
-    return sorted({int(math.floor(s + 0.5)) for s in sizes} | {n})
-
-
-def _check_batch_sizes(batch_sizes: Sequence[int] | None, n: int) -> list[int]:
-    if batch_sizes is None:
-        if n < 3:
-            raise ValueError(
-                f"The batch has {n} samples; the default ladder of sub-batch sizes needs at least "
-                "3. Pass a larger batch."
-            )
-        return _default_batch_sizes(n)
-    out = set()
-    for size in batch_sizes:
-        try:
-            whole = not isinstance(size, bool) and float(size).is_integer()
-        except (TypeError, ValueError):
-            whole = False
-        if not whole or not 1 <= size <= n:
-            raise ValueError(
-                f"Every sub-batch size must be an integer in [1, {n}] (the batch's size), got "
-                f"{size!r}. Sub-batches are drawn from the batch passed in; pass a larger batch "
-                "to measure larger sizes."
-            )
-        out.add(int(size))
-    return sorted(out)
-
-
-def _sub_batch_plan(
-    n: int, batch_sizes: Sequence[int], draws: int, seed: int | None
-) -> list[tuple[int, torch.Tensor | None, int]]:
-    """``(size, sample indices or None for the whole batch, Lanczos seed)`` for each run.
-
-    A private generator, so that the caller's global RNG streams are untouched and a seed
-    reproduces both the sub-batches and the Lanczos start vectors.
-    """
-    import torch
-
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    plan: list[tuple[int, torch.Tensor | None, int]] = []
-    for size in batch_sizes:
-        # Every draw of the full size is the same batch: one Lanczos run is enough.
-        repeats = 1 if size == n else draws
-        for _ in range(repeats):
-            index = None
-            if size < n:
-                index = torch.randperm(n, generator=generator)[:size].sort().values
-            lanczos_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            plan.append((size, index, lanczos_seed))
-    return plan
-
-
-def estimate_batch_size_law(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    batch_sizes: Sequence[int] | None = None,
-    draws: int = 4,
-    dataset_size: float | None = None,
-    curvature: str = "hessian",
-    seed: int | None = None,
-    tol: float = 1e-3,
-    max_iter: int = 100,
-    params: Sequence[torch.Tensor] | None = None,
-) -> BatchSizeLaw:
-    r"""Measure the top eigenvalue on sub-batches of several sizes and fit :math:`\lambda(B)`.
-
-    Sub-batches of each size are drawn without replacement from ``batch`` (``draws`` times each;
-    once at the full size, where every draw is the whole batch), the top eigenvalue of each
-    sub-batch's curvature is found by Lanczos
-    (:func:`~lr_batch_callback.estimate.hessian_eigenvalues`, random start, model state
-    restored), and :func:`fit_batch_size_law` fits :math:`a + c(1/B - 1/N)` to all of them. The
-    cost is one Lanczos run per sub-batch, each on a batch no larger than ``batch``.
-
-    Args:
-        model: the network; used as it is (train mode stays train mode) and left unchanged.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss over the batch.
-        batch: a large batch; its size :math:`n` bounds the sub-batch sizes.
-        batch_sizes: sub-batch sizes in ``[1, n]``; default about 5 sizes in a geometric ladder
-            from ``max(2, n/64)`` to ``n``.
-        draws: random sub-batches per size (the scatter between draws is part of the fit's error).
-        dataset_size: :math:`N`, the training set size; ``None`` for an infinite data set.
-        curvature: ``"hessian"`` or ``"ggn"``.
-        seed: seeds the sub-batch draws and the Lanczos start vectors (``None``: fresh randomness).
-        tol: Lanczos relative Ritz-residual tolerance.
-        max_iter: Lanczos step cap per run.
-        params: the parameters to differentiate (default: all trainable ones).
-
-    Returns:
-        The fitted :class:`BatchSizeLaw`; its observations are in run order (sizes ascending).
-
-    Warns:
-        RuntimeWarning: when Lanczos runs hit ``max_iter`` before ``tol``; their eigenvalues are
-            then lower bounds.
-
-    Example:
-        >>> import torch
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        >>> batch = (torch.randn(128, 4), torch.randn(128, 1))
-        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
-        >>> law = estimate_batch_size_law(model, loss_fn, batch, draws=2, seed=0)
-        >>> sorted(set(law.batch_sizes))
-        [2.0, 6.0, 16.0, 45.0, 128.0]
-    """  # noqa: E501
-    from lr_batch_callback.batching import batch_size_of, index_batch
-    from lr_batch_callback.estimate import hessian_eigenvalues
-
-    _check_curvature(curvature)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive integer, got {draws!r}; e.g. draws=4.")
-    n = batch_size_of(batch)
-    sizes = _check_batch_sizes(batch_sizes, n)
-    _check_dataset_size(dataset_size, float(n))
-    # Fail before any Lanczos run rather than in the fit after all of them.
-    num_runs = sum(1 if size == n else draws for size in sizes)
-    if len(sizes) < 2 or num_runs < 3:
-        raise ValueError(
-            f"Sub-batch sizes {sizes} with draws={draws} give {num_runs} observations at "
-            f"{len(sizes)} distinct sizes; the fit needs at least 3 at 2 distinct sizes. Add "
-            "sizes or draws."
-        )
-
-    observed_sizes: list[float] = []
-    observed: list[float] = []
-    unconverged: list[int] = []
-    for size, index, lanczos_seed in _sub_batch_plan(n, sizes, draws, seed):
-        sub_batch = batch if index is None else index_batch(batch, index)
-        result = hessian_eigenvalues(
-            model, loss_fn, sub_batch, k=1, curvature=curvature, tol=tol, max_iter=max_iter,
-            seed=lanczos_seed, params=params, warn_unconverged=False,
-        )
-        observed_sizes.append(float(size))
-        observed.append(float(result.eigenvalues[0]))
-        if not result.converged:
-            unconverged.append(size)
-    if unconverged:
-        warnings.warn(
-            f"{len(unconverged)} of {len(observed)} Lanczos runs (sub-batch sizes "
-            f"{sorted(set(unconverged))}) hit max_iter={max_iter} before tol={tol}; their top "
-            "eigenvalues are lower bounds and bias the fit. Raise max_iter or loosen tol.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return fit_batch_size_law(observed_sizes, observed, dataset_size, curvature=curvature)

@@ -15,8 +15,8 @@ of width :math:`\sigma` gives a smooth density that integrates to 1:
 Its mean :math:`\frac1n\sum_{pj}\tau_{pj}\theta_{pj}` is Hutchinson's estimate of
 :math:`\operatorname{tr}(A)/P`.
 
-All probes advance together: one batched operator product (``is_grads_batched``) per step serves
-every probe, which is what makes SLQ cheap on top of graph reuse.
+The probes run on the package's one Lanczos kernel (:mod:`~lr_batch_callback.engine.krylov`);
+on accelerators all probes advance together, one batched product (``is_grads_batched``) per step.
 """
 
 from __future__ import annotations
@@ -27,12 +27,45 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lr_batch_callback.lanczos import tridiagonal_eigh
-from lr_batch_callback.operators import CurvatureOperator, NonFiniteCurvatureError
+from lr_batch_callback._checks import check_integer, check_positive_float
+from lr_batch_callback.engine.krylov import LanczosRecurrence
+from lr_batch_callback.engine.lanczos import tridiagonal_eigh
+from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
 
-__all__ = ["SpectralDensity", "slq_quadrature", "broaden", "rademacher_probes"]
+__all__ = ["DEFAULT_PROBES", "DEFAULT_STEPS", "Quadrature", "SpectralDensity", "broaden",
+           "rademacher_probes", "slq", "slq_quadrature"]
+
+#: Probes and Lanczos steps per probe wherever none are given (functions and callbacks).
+DEFAULT_PROBES = 4
+DEFAULT_STEPS = 20
 
 _MAX_GRID = 200_000
+
+
+@dataclass(frozen=True)
+class Quadrature:
+    """Gauss-quadrature nodes and weights of stochastic Lanczos quadrature.
+
+    Attributes:
+        nodes: Ritz values per probe, ``(num_probes, num_steps)``; padded with 0 where a probe's
+            Krylov space was exhausted early (its weight there is 0).
+        weights: the quadrature weights, same shape, each row summing to 1.
+        num_products: operator-vector products used.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    num_products: int
+
+    def mean(self) -> float:
+        """Quadrature estimate of :math:`\\operatorname{tr}(A)/P`."""
+        return float((self.weights * self.nodes).sum() / self.nodes.shape[0])
+
+    def density(self, sigma: float | None = None, grid_size: int = 1000) -> SpectralDensity:
+        """The Gaussian-broadened density (width ``sigma``, default :func:`default_sigma`)."""
+        grid, values, used = broaden(self.nodes, self.weights, sigma, grid_size)
+        return SpectralDensity(grid=grid, density=values, nodes=self.nodes, weights=self.weights,
+                               sigma=used, num_products=self.num_products)
 
 
 @dataclass(frozen=True)
@@ -75,42 +108,6 @@ def rademacher_probes(num_probes: int, dim: int, generator: torch.Generator) -> 
     return (signs.to(torch.float64) * 2 - 1) / math.sqrt(dim)
 
 
-def _block_lanczos_steps(
-    operator: CurvatureOperator, Q: Tensor, num_steps: int, reorthogonalize: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run ``num_steps`` Lanczos steps for each row of ``Q`` at once (independent Krylov spaces).
-
-    Returns float64 ``alpha (n, m)``, ``beta (n, m)`` and the pre-orthogonalisation norms
-    ``(n, m)`` used to detect breakdowns.
-    """
-    n, dim = Q.shape
-    basis = torch.empty((n, num_steps, dim), device=Q.device, dtype=Q.dtype) if reorthogonalize else None
-    alphas, betas, norms = [], [], []
-    q_prev = torch.zeros_like(Q)
-    b_prev = torch.zeros(n, dtype=Q.dtype, device=Q.device)
-    tiny = torch.finfo(torch.float64).tiny
-    for j in range(num_steps):
-        if basis is not None:
-            basis[:, j] = Q
-        W = operator.matmat(Q)
-        # Accumulate in float64 without float64 copies of the vectors.
-        a = (W * Q).sum(dim=1, dtype=torch.float64)
-        norms.append(torch.linalg.vector_norm(W, dim=1, dtype=torch.float64))
-        alphas.append(a)
-        if basis is not None:
-            for _ in range(2):  # CGS2 against each probe's own basis
-                for i in range(n):  # matrix-vector products: half the time of a bmm here
-                    B = basis[i, : j + 1]
-                    W[i] -= B.T @ (B @ W[i])
-        else:
-            W = W - a.to(Q.dtype).unsqueeze(1) * Q - b_prev.unsqueeze(1) * q_prev
-        b = torch.linalg.vector_norm(W, dim=1, dtype=torch.float64)
-        betas.append(b)
-        q_prev, b_prev = Q, b.to(Q.dtype)
-        Q = W / b.clamp_min(tiny).to(Q.dtype).unsqueeze(1)
-    return torch.stack(alphas, 1), torch.stack(betas, 1), torch.stack(norms, 1)
-
-
 def slq_quadrature(
     operator: CurvatureOperator,
     probes: Tensor,
@@ -121,43 +118,88 @@ def slq_quadrature(
 ) -> tuple[Tensor, Tensor]:
     """Gauss-quadrature nodes and weights for each probe (rows of ``probes``).
 
+    Each probe is an independent chain of the Lanczos kernel
+    (:class:`~lr_batch_callback.engine.krylov.LanczosRecurrence`, block size 1). A chain whose
+    Krylov space is exhausted early (an invariant subspace) stops there: its later nodes get
+    weight 0.
+
     Args:
         operator: the symmetric curvature operator.
         probes: ``(num_probes, P)`` unit start vectors (e.g. :func:`rademacher_probes`).
         num_steps: Lanczos steps per probe (capped at ``P``).
         batched: advance all probes with one batched product per step; ``False`` runs the probes
-            one after another (same numbers, slower).
+            one after another (same numbers).
         reorthogonalize: full reorthogonalisation within each probe's Krylov space (memory
             ``num_probes × num_steps × P``); ``False`` uses the three-term recurrence only.
 
     Returns:
         ``(nodes, weights)``, float64 CPU tensors of shape ``(num_probes, num_steps)``.
     """
-    num_steps = min(num_steps, operator.dim)
+    num_steps = min(check_integer(num_steps, "num_steps"), operator.dim)
     Q = probes.to(device=operator.device, dtype=operator.dtype)
-    if batched:
-        alpha, beta, norm = _block_lanczos_steps(operator, Q, num_steps, reorthogonalize)
-    else:
-        parts = [_block_lanczos_steps(operator, Q[i : i + 1], num_steps, reorthogonalize)
-                 for i in range(Q.shape[0])]
-        alpha, beta, norm = (torch.cat([p[i] for p in parts]) for i in range(3))
-    alpha, beta, norm = alpha.cpu(), beta.cpu(), norm.cpu()
-    if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
-        raise NonFiniteCurvatureError("Stochastic Lanczos quadrature produced non-finite values.")
-    eps = torch.finfo(operator.dtype).eps
-    nodes = torch.zeros_like(alpha)
-    weights = torch.zeros_like(alpha)
-    for p in range(alpha.shape[0]):
-        m = num_steps
-        for j in range(num_steps - 1):
-            # Krylov space exhausted: later "steps" would be rounding noise.
-            if beta[p, j] <= 100 * eps * max(float(norm[p, j]), abs(float(alpha[p, j])), 1e-300):
-                m = j + 1
-                break
-        theta, S = tridiagonal_eigh(alpha[p, :m].tolist(), beta[p, : m - 1].tolist())
-        nodes[p, :m] = theta
-        weights[p, :m] = S[0] ** 2
+    groups = [Q] if batched else [Q[i : i + 1] for i in range(Q.shape[0])]
+    nodes = torch.zeros((Q.shape[0], num_steps), dtype=torch.float64)
+    weights = torch.zeros_like(nodes)
+    row = 0
+    for group in groups:
+        rec = LanczosRecurrence(operator, group.unsqueeze(1),
+                                capacity=num_steps if reorthogonalize else None,
+                                generator=torch.Generator().manual_seed(0))
+        for _ in range(num_steps):
+            rec.step()
+        diag, off = rec.coefficients()
+        for c in range(group.shape[0]):
+            stop = rec.breakdown[c]
+            m = num_steps if stop is None else stop + 1
+            theta, S = tridiagonal_eigh(diag[c, :m, 0, 0].tolist(), off[c, : m - 1, 0, 0].tolist())
+            nodes[row, :m] = theta
+            weights[row, :m] = S[0] ** 2
+            row += 1
     return nodes, weights
+
+
+def slq(
+    operator: CurvatureOperator,
+    num_probes: int = DEFAULT_PROBES,
+    num_steps: int = DEFAULT_STEPS,
+    *,
+    seed: int | None = None,
+    batched: bool | None = None,
+    reorthogonalize: bool = True,
+) -> Quadrature:
+    """Stochastic Lanczos quadrature of ``operator`` with Rademacher probes.
+
+    Args:
+        operator: the symmetric operator.
+        num_probes: probe vectors (the variance of the estimate falls like 1/n).
+        num_steps: Lanczos steps per probe (quadrature nodes per probe).
+        seed: seed of the probes (``None``: fresh randomness, rank 0's under distribution).
+        batched: advance all probes together, one (vmap-)batched product per step; ``False``
+            runs the probes one after another. Default: together on accelerators; one after
+            another on CPU, where products are looped anyway and the joint basis would only cost
+            memory (``num_probes`` times more).
+        reorthogonalize: full reorthogonalisation per probe.
+
+    Returns:
+        The :class:`Quadrature` (nodes, weights, products used); ``.density()`` broadens it.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> q = slq(CurvatureOperator.from_matrix(A), num_probes=2, num_steps=3, seed=0)
+        >>> round(q.mean(), 6)  # tr(A)/P
+        2.0
+    """
+    check_integer(num_probes, "num_probes")
+    check_integer(num_steps, "num_steps")
+    if seed is None:
+        seed = fresh_seed(operator)
+    probes = rademacher_probes(num_probes, operator.dim, torch.Generator().manual_seed(seed))
+    if batched is None:
+        batched = operator.device.type != "cpu"
+    before = operator.num_products
+    nodes, weights = slq_quadrature(operator, probes, num_steps, batched=batched,
+                                    reorthogonalize=reorthogonalize)
+    return Quadrature(nodes=nodes, weights=weights, num_products=operator.num_products - before)
 
 
 def default_sigma(nodes: Tensor, weights: Tensor) -> float:
@@ -181,10 +223,7 @@ def broaden(
     Returns:
         ``(grid, density, sigma)``.
     """
-    if sigma is None:
-        sigma = default_sigma(nodes, weights)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma (the broadening width) must be positive and finite, got {sigma!r}.")
+    sigma = default_sigma(nodes, weights) if sigma is None else check_positive_float(sigma, "sigma")
     live = weights > 0
     if grid is None:
         lo = float(nodes[live].min()) - 6 * sigma

@@ -5,7 +5,10 @@ estimate raises (``KeyboardInterrupt`` included):
 
 - the ``training`` flag of every submodule (models may mix train and eval submodules);
 - every buffer (BatchNorm ``running_mean``/``running_var``/``num_batches_tracked``, spectral-norm
-  vectors, ...), restored in place so that references held by optimizers or hooks stay valid;
+  vectors, ...): inside the block each module holds a *copy* of its buffers, and the originals
+  are put back on exit, never written to. So statistics updated by a train-mode forward go to
+  the copies (which graphs built inside keep alive: BatchNorm's backward reads them), and a
+  caller's live graph that saved an original (eval-mode BatchNorm) stays valid;
 - the RNG streams: torch's CPU generator, every initialised CUDA device's generator, Python's
   ``random`` and NumPy's global state;
 - ``requires_grad`` of every parameter and the identity of every ``.grad`` tensor.
@@ -27,10 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["isolated"]
+__all__ = ["autocast_off", "isolated"]
 
 
-def _autocast_off(device_types: set[str]) -> contextlib.ExitStack:
+def autocast_off(device_types: set[str]) -> contextlib.ExitStack:
+    """Autocast disabled on each of ``device_types`` (products in the parameters' own dtype)."""
     stack = contextlib.ExitStack()
     for device_type in sorted(device_types):
         if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
@@ -69,12 +73,8 @@ def isolated(model: nn.Module) -> Iterator[None]:
         True
     """
     modes = [(m, m.training) for m in model.modules()]
-    # (module, name, tensor, copy): the exit writes back only buffers whose values changed, so a
-    # caller's live autograd graph that saved an untouched buffer (eval-mode BatchNorm
-    # statistics) keeps a valid version counter. Values are compared because the native
-    # batch_norm kernel updates running statistics without bumping their version.
-    buffers = [(m, name, b, b.detach().clone())
-               for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None]
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -88,20 +88,19 @@ def isolated(model: nn.Module) -> Iterator[None]:
     numpy_state = np.random.get_state()
 
     try:
+        with torch.no_grad():
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer.detach().clone()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(_autocast_off(device_types))
+            stack.enter_context(autocast_off(device_types))
             stack.enter_context(_eager_stance())
             yield
     finally:
-        with torch.no_grad():
-            for module, name, buffer, saved in buffers:
-                if module._buffers.get(name) is not buffer:  # reassigned: put the original back
-                    module._buffers[name] = buffer
-                if buffer.shape == saved.shape and not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
         for module, mode in modes:
             module.training = mode
         for p, flag, grad in zip(params, requires_grad, grads, strict=True):
