@@ -26,6 +26,8 @@ from lr_batch_callback.engine.estimate import hessian_eigenvalues, spectral_dens
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, GGNOperator, HessianOperator
 from lr_batch_callback.law import BatchSizeLaw, estimate_batch_size_law, fit_batch_size_law
+from lr_batch_callback.law.online import LawConfig
+from lr_batch_callback.measurement import MonitorConfig
 from lr_batch_callback.record import SpectrumRecord
 from lr_batch_callback.reporting import load_spectra, plot_spectra
 from lr_batch_callback.scaling import LRScaler, scaling_factor
@@ -35,14 +37,11 @@ if TYPE_CHECKING:
         BatchSizeLRCallback,
         BatchSizeLRScaling,
         BatchSizeSchedule,
-        LawConfig,
-        MonitorConfig,
         SpectrumMonitor,
     )
 
 # Names whose modules import Lightning: imported when first asked for (PEP 562).
-_LIGHTNING = {"BatchSizeLRCallback", "BatchSizeLRScaling", "BatchSizeSchedule", "LawConfig",
-              "MonitorConfig", "SpectrumMonitor"}
+_LIGHTNING = {"BatchSizeLRCallback", "BatchSizeLRScaling", "BatchSizeSchedule", "SpectrumMonitor"}
 
 __all__ = [
     "BatchSizeLRCallback",

@@ -6,39 +6,45 @@ file of the measurement (:meth:`SpectrumRecord.to_json`, read back by
 :meth:`SpectrumRecord.from_json`) and the density drawn in TensorBoard
 (:meth:`SpectrumRecord.density_curve`).
 
-Metric keys (``<c>`` is ``hessian`` or ``ggn``), each group always with the same keys:
+Metric keys (``<c>`` is ``hessian`` or ``ggn``); each group always has the same keys:
 
-========================== ===================================================================
-``<c>/lambda_max``          top eigenvalue of the batch curvature
-``<c>/top_<i>``             i-th largest eigenvalue, i = 2..k
-``<c>/lambda_min``          most negative eigenvalue, on the measurements that include it
-``<c>/num_products``        curvature-vector products of the measurement
-``<c>/converged``           1.0 when every eigenvalue met its tolerance
-``<c>/seconds``             wall time of the measurement
-``<c>/batch_size``          samples the curvature was computed on (all ranks, one micro-batch)
-``<c>/effective_batch_size`` samples per optimizer step (× accumulation × devices)
-``<c>/stability``           LR × λ_max / (2(1+μ)) for SGD-family optimizers (instability at 1)
-========================== ===================================================================
+=============================== ==============================================================
+``<c>/lambda_max``               top eigenvalue of the batch curvature
+``<c>/top_<i>``                  i-th largest eigenvalue, i = 2..k
+``<c>/lambda_min``               most negative eigenvalue (measurements that include it)
+``<c>/num_products``             curvature-vector products of the measurement
+``<c>/converged``                1.0 when every eigenvalue met its tolerance
+``<c>/seconds``                  wall time of the measurement
+``<c>/batch_size``               samples the curvature was computed on (all ranks, one micro-batch)
+``<c>/effective_batch_size``     samples per optimizer step (× accumulation × devices)
+``<c>/stability``                LR × sharpness / threshold: 1 is the edge of stability (see
+                                 :class:`TrainingContext`)
+``<c>/preconditioned_lambda_max`` top eigenvalue of P⁻¹H for Adam-family optimizers
+=============================== ==============================================================
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from lr_batch_callback.engine.density import broaden
 
-__all__ = ["DensityQuadrature", "SpectrumRecord"]
+__all__ = ["DensityQuadrature", "SpectrumEstimate", "SpectrumRecord", "TrainingContext"]
 
 
 def _finite_or_none(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(value)
+
+
+def _float_or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,52 @@ class DensityQuadrature:
 
 
 @dataclass(frozen=True)
+class SpectrumEstimate:
+    """What the engine measured.
+
+    Attributes:
+        eigenvalues: the top-k eigenvalues, largest first.
+        lambda_min: the most negative eigenvalue, when this measurement included it.
+        error_bounds: the error bound of each eigenvalue (``eigenvalues``, then ``lambda_min``).
+        converged: whether every eigenvalue met the tolerance.
+        num_products: curvature-vector products (density included).
+        seconds: wall time.
+        num_samples: samples the curvature was computed on (all ranks).
+        preconditioned_lambda_max: top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` with Adam's
+            preconditioner :math:`P = \\mathrm{diag}(\\sqrt{\\hat v}) + \\epsilon`, when measured.
+    """
+
+    eigenvalues: list[float]
+    lambda_min: float | None = None
+    error_bounds: list[float] = field(default_factory=list)
+    converged: bool = True
+    num_products: int = 0
+    seconds: float = 0.0
+    num_samples: int | None = None
+    preconditioned_lambda_max: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    r"""The training run around a measurement.
+
+    Attributes:
+        effective_batch_size: samples per optimizer step.
+        lr: the learning rate the next optimizer step uses (first param group, factor included).
+        lr_factor: the batch-size LR factor in force (1.0 without LR scaling).
+        stability: LR × sharpness / threshold, the edge of stability at 1. SGD with heavy-ball
+            momentum :math:`\mu` diverges on the local quadratic when
+            :math:`\eta\lambda_{max} > 2(1+\mu)`; Adam with :math:`\beta_1` when
+            :math:`\eta\lambda_{max}(P^{-1}H) > (2+2\beta_1)/(1-\beta_1)` (Cohen et al. 2022).
+    """
+
+    effective_batch_size: int | None = None
+    lr: float | None = None
+    lr_factor: float = 1.0
+    stability: float | None = None
+
+
+@dataclass(frozen=True)
 class SpectrumRecord:
     """One measurement of the batch curvature's spectrum during training.
 
@@ -59,68 +111,66 @@ class SpectrumRecord:
         step: the optimizer step (``trainer.global_step``) after which it was measured.
         epoch: the epoch.
         curvature: ``"hessian"`` or ``"ggn"``.
-        eigenvalues: the top-k eigenvalues, largest first.
-        lambda_min: the most negative eigenvalue, when this measurement included it.
-        error_bounds: the error bound of each eigenvalue (``eigenvalues`` then ``lambda_min``).
-        converged: whether every eigenvalue met the tolerance.
-        num_products: curvature-vector products of the measurement (density included).
-        seconds: its wall time.
-        batch_size: samples the curvature was computed on.
-        effective_batch_size: samples per optimizer step.
-        lr_factor: the LR factor in force (1.0 without LR scaling).
-        stability: ``LR × λ_max / (2(1+μ))`` of the first param group for SGD-family optimizers
-            (``None`` otherwise): heavy-ball SGD is unstable on the local quadratic above 1.
+        estimate: the engine's numbers (:class:`SpectrumEstimate`).
+        context: the run around it (:class:`TrainingContext`).
         density: the spectral density's quadrature, when this measurement included one.
     """
 
     step: int
     epoch: int
     curvature: str
-    eigenvalues: list[float]
-    lambda_min: float | None = None
-    error_bounds: list[float] = field(default_factory=list)
-    converged: bool = True
-    num_products: int = 0
-    seconds: float = 0.0
-    batch_size: int | None = None
-    effective_batch_size: int | None = None
-    lr_factor: float = 1.0
-    stability: float | None = None
+    estimate: SpectrumEstimate
+    context: TrainingContext = field(default_factory=TrainingContext)
     density: DensityQuadrature | None = None
 
+    # -- the numbers users look for first -------------------------------------------------------
     @property
     def lambda_max(self) -> float:
         """The top eigenvalue."""
-        return self.eigenvalues[0]
+        return self.estimate.eigenvalues[0]
+
+    @property
+    def lambda_min(self) -> float | None:
+        return self.estimate.lambda_min
+
+    @property
+    def eigenvalues(self) -> list[float]:
+        return self.estimate.eigenvalues
+
+    @property
+    def effective_batch_size(self) -> int | None:
+        return self.context.effective_batch_size
 
     # -- outputs --------------------------------------------------------------------------------
     def metrics(self, k: int | None = None) -> dict[str, float]:
         """The scalar metrics of the module docstring (``k`` fixes the number of ``top_i`` keys,
         NaN-padded when fewer eigenvalues were found)."""
-        c = self.curvature
-        k = len(self.eigenvalues) if k is None else k
+        c, e, ctx = self.curvature, self.estimate, self.context
+        k = len(e.eigenvalues) if k is None else k
         out = {f"{c}/lambda_max": self.lambda_max}
         for i in range(2, k + 1):
-            out[f"{c}/top_{i}"] = self.eigenvalues[i - 1] if i <= len(self.eigenvalues) else math.nan
-        if self.lambda_min is not None:
-            out[f"{c}/lambda_min"] = self.lambda_min
+            out[f"{c}/top_{i}"] = e.eigenvalues[i - 1] if i <= len(e.eigenvalues) else math.nan
+        if e.lambda_min is not None:
+            out[f"{c}/lambda_min"] = e.lambda_min
         out.update({
-            f"{c}/num_products": float(self.num_products),
-            f"{c}/converged": float(self.converged),
-            f"{c}/seconds": self.seconds,
-            f"{c}/batch_size": float(self.batch_size) if self.batch_size else math.nan,
-            f"{c}/effective_batch_size": (float(self.effective_batch_size)
-                                          if self.effective_batch_size else math.nan),
+            f"{c}/num_products": float(e.num_products),
+            f"{c}/converged": float(e.converged),
+            f"{c}/seconds": e.seconds,
+            f"{c}/batch_size": _float_or_nan(e.num_samples),
+            f"{c}/effective_batch_size": _float_or_nan(ctx.effective_batch_size),
         })
-        if self.stability is not None:
-            out[f"{c}/stability"] = self.stability
+        if ctx.stability is not None:
+            out[f"{c}/stability"] = ctx.stability
+        if e.preconditioned_lambda_max is not None:
+            out[f"{c}/preconditioned_lambda_max"] = e.preconditioned_lambda_max
         return out
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (non-finite numbers become ``None``)."""
         data = asdict(self)
-        data["eigenvalues"] = [_finite_or_none(v) for v in self.eigenvalues]
-        data["error_bounds"] = [_finite_or_none(v) for v in self.error_bounds]
+        estimate = data["estimate"]
+        estimate["eigenvalues"] = [_finite_or_none(v) for v in self.estimate.eigenvalues]
+        estimate["error_bounds"] = [_finite_or_none(v) for v in self.estimate.error_bounds]
         data["lambda_max"] = _finite_or_none(self.lambda_max)  # for readers of the raw file
         return data
 
@@ -131,18 +181,20 @@ class SpectrumRecord:
         Raises:
             ValueError: when a required field is missing (not a spectrum record).
         """
-        names = {f.name for f in fields(cls)}
-        missing = sorted({"step", "epoch", "curvature", "eigenvalues"} - set(data))
+        missing = sorted({"step", "epoch", "curvature", "estimate"} - set(data))
         if missing:
             raise ValueError(f"Not a spectrum record: fields {missing} are missing (got "
                              f"{sorted(data)}).")
-        values = {k: v for k, v in data.items() if k in names}
-        values["eigenvalues"] = [math.nan if v is None else float(v) for v in values["eigenvalues"]]
-        values["error_bounds"] = [math.nan if v is None else float(v)
-                                  for v in values.get("error_bounds", [])]
-        if values.get("density"):
-            values["density"] = DensityQuadrature(**values["density"])
-        return cls(**values)
+        estimate = dict(data["estimate"])
+        estimate["eigenvalues"] = [_float_or_nan(v) for v in estimate["eigenvalues"]]
+        estimate["error_bounds"] = [_float_or_nan(v) for v in estimate.get("error_bounds", [])]
+        density = data.get("density")
+        return cls(
+            step=int(data["step"]), epoch=int(data["epoch"]), curvature=str(data["curvature"]),
+            estimate=SpectrumEstimate(**estimate),
+            context=TrainingContext(**data.get("context", {})),
+            density=DensityQuadrature(**density) if density else None,
+        )
 
     def density_curve(self, grid_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(grid, density)`` rebuilt from the quadrature, or ``None`` without a density."""
@@ -153,11 +205,15 @@ class SpectrumRecord:
         grid, values, _ = broaden(nodes, weights, float(self.density.sigma), grid_size)
         return grid, values
 
-    # -- mapping access, so that code written for the dict records of 0.1 keeps working --------
+    # -- flat lookups (``record["lambda_max"]``), as the dict records of version 0.1 -------------
     def __getitem__(self, key: str) -> Any:
-        if key == "lambda_max" or key in {f.name for f in fields(self)}:
-            value = getattr(self, key)
-            return asdict(value) if isinstance(value, DensityQuadrature) else value
+        for part in (self, self.estimate, self.context):
+            if key in type(part).__dataclass_fields__ or isinstance(
+                    getattr(type(part), key, None), property):
+                value = getattr(part, key)
+                return asdict(value) if isinstance(value, DensityQuadrature) else value
+        if key == "batch_size":
+            return self.estimate.num_samples
         raise KeyError(key)
 
     def get(self, key: str, default: Any = None) -> Any:

@@ -69,6 +69,9 @@ def run_engine(rank: int, world_size: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from lr_batch_callback import hessian_eigenvalues, spectral_density
+    from lr_batch_callback.engine.estimate import OperatorOptions
+
+    on_all = OperatorOptions(distributed=True)
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=30))
@@ -85,21 +88,22 @@ def run_engine(rank: int, world_size: int, port: int, out: str) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for name, split in ENGINE_SPLITS.items():
         local = rank_share(batch, split, rank)
-        res = hessian_eigenvalues(model, ce_loss, local, distributed=True, k=2, tol=1e-8, seed=3)
-        both = hessian_eigenvalues(model, ce_loss, local, distributed=True, k=2, which="both",
-                                   tol=1e-8, seed=4)
-        ggn = hessian_eigenvalues(model, ce_loss, local, distributed=True, k=2, curvature="ggn",
-                                  tol=1e-8, seed=5)
+        res = hessian_eigenvalues(model, ce_loss, local, k=2, tol=1e-8, seed=3, options=on_all)
+        both = hessian_eigenvalues(model, ce_loss, local, k=2, which="both", tol=1e-8, seed=4,
+                                   options=on_all)
+        ggn = hessian_eigenvalues(model, ce_loss, local, k=2, curvature="ggn", tol=1e-8, seed=5,
+                                  options=on_all)
         # Micro-batches of unequal size on top of unequal ranks: weights are sample counts.
-        micro = hessian_eigenvalues(model, ce_loss, local, distributed=True, k=2, tol=1e-8,
-                                    seed=6, micro_batch_size=5, keep_graphs=False)
+        micro = hessian_eigenvalues(
+            model, ce_loss, local, k=2, tol=1e-8, seed=6,
+            options=OperatorOptions(distributed=True, micro_batch_size=5, keep_graphs=False))
         # No seed: rank 0's random start vector must reach every rank.
-        unseeded = hessian_eigenvalues(model, ce_loss, local, distributed=True, k=1, tol=1e-8,
-                                       seed=None)
-        sd = spectral_density(model, ce_loss, local, distributed=True, num_probes=3,
-                              num_steps=12, seed=7)
-        sd_unseeded = spectral_density(model, ce_loss, local, distributed=True, num_probes=2,
-                                       num_steps=8)
+        unseeded = hessian_eigenvalues(model, ce_loss, local, k=1, tol=1e-8, seed=None,
+                                       options=on_all)
+        sd = spectral_density(model, ce_loss, local, num_probes=3, num_steps=12, seed=7,
+                              options=on_all)
+        sd_unseeded = spectral_density(model, ce_loss, local, num_probes=2, num_steps=8,
+                                       options=on_all)
         results[name] = {
             "eigenvalues": _floats(res.eigenvalues),
             "converged": res.converged,
@@ -135,8 +139,7 @@ def run_engine(rank: int, world_size: int, port: int, out: str) -> None:
 
     for name, fn in (("fault_loss", nan_loss_on_rank1), ("fault_products", nan_products_on_rank1)):
         try:
-            hessian_eigenvalues(model, fn, local, distributed=True, k=1,
-                                tol=1e-6, seed=0)
+            hessian_eigenvalues(model, fn, local, k=1, tol=1e-6, seed=0, options=on_all)
             results[name] = {"raised": None}
         except Exception as exc:  # recorded for the test to inspect
             results[name] = {"raised": type(exc).__name__, "message": str(exc)}
@@ -237,16 +240,14 @@ def run_lightning(out: str, rule: str, optimizer: str) -> None:
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule
+    from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule, LawConfig, MonitorConfig
 
     DDPModule, Recorder, MemoryLogger = _lightning_classes()
     seed_everything(0)
-    cb = BatchSizeLRCallback(rule=rule, monitor_every_n_steps=4, smallest=False, tol=1e-8,
-                             max_iter=163, density_every=0, max_overhead=1.0, save_spectra=False,
-                             law_samples=64, law_draws=2)
-    # The time budget depends on how busy the machine is; the tests need the measurements at
-    # known steps (the budget's DDP agreement is still exercised: rank 0 decides, all follow).
-    cb.monitor.within_budget = lambda steps: True  # type: ignore[method-assign]
+    cb = BatchSizeLRCallback(
+        rule=rule, monitor_every_n_steps=4, law=LawConfig(samples=64, draws=2),
+        monitor=MonitorConfig(lambda_min_every=0, tol=1e-8, max_iter=163, density_every=0,
+                              max_overhead=None, save_spectra=False))
     rec = Recorder()
     logger = MemoryLogger()
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True)

@@ -148,3 +148,26 @@ class MemoryLogger(Logger):
 
     def values(self, key: str) -> dict[int, float]:
         return {step: m[key] for step, m in self.rows if key in m}
+
+
+_LAW_KEYS = {"law_samples": "samples", "law_draws": "draws", "law_min_r_squared": "min_r_squared"}
+
+
+def flat_callback(**kwargs: Any) -> Any:
+    """A ``BatchSizeLRCallback`` from the flat keyword arguments of version 0.1.
+
+    The 0.2 constructor groups the measurement settings into ``MonitorConfig`` and the λ(B)
+    settings into ``LawConfig``; the tests keep their 0.1 spelling through this one mapping
+    (``smallest=True`` is λ_min at every measurement, ``smallest=False`` never).
+    """
+    from dataclasses import fields
+
+    from lr_batch_callback import BatchSizeLRCallback, LawConfig, MonitorConfig
+
+    monitor_keys = {f.name for f in fields(MonitorConfig)}
+    monitor = {k: kwargs.pop(k) for k in list(kwargs) if k in monitor_keys}
+    if "smallest" in kwargs:
+        monitor["lambda_min_every"] = 1 if kwargs.pop("smallest") else 0
+    law = {_LAW_KEYS[k]: kwargs.pop(k) for k in list(kwargs) if k in _LAW_KEYS}
+    return BatchSizeLRCallback(**kwargs, monitor=MonitorConfig(**monitor) if monitor else None,
+                               law=LawConfig(**law) if law else None)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger
 
 from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule
-from tests.lightning_helpers import LRRecorder, TinyModule
+from tests.lightning_helpers import LRRecorder, TinyModule, flat_callback
 
 SCHEDULERS = ["lambda", "onecycle", "cosine", "warm_restarts", "cyclic", "sequential", "plateau"]
 
@@ -110,7 +110,7 @@ def test_no_change_is_bit_identical_with_monitoring(tmp_path) -> None:
     def run(with_callback: bool):
         seed_everything(0)  # the same initial weights in both runs
         module = TinyModule(norm=True, dropout=0.2, n=128, optimizer="adamw", lr=1e-2)
-        cbs = ([BatchSizeLRCallback(monitor_every_n_steps=2, density_every=2, max_overhead=None)]
+        cbs = ([flat_callback(monitor_every_n_steps=2, density_every=2, max_overhead=None)]
                if with_callback else [])
         trainer = _fit(module, cbs, tmp_path, epochs=2)
         if with_callback:
@@ -160,7 +160,7 @@ def test_logged_lr_keys_in_csv(tmp_path) -> None:
 )
 def test_bad_arguments(kwargs, message) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
-        BatchSizeLRCallback(**kwargs)
+        flat_callback(**kwargs)
 
 
 def test_rule_list_must_match_optimizers(tmp_path) -> None:
@@ -181,8 +181,10 @@ def test_curvature_rule_fits_the_law_and_uses_it(tmp_path) -> None:
 
     logger = CSVLogger(tmp_path, name="curv")
     rec = LRRecorder()
-    cb = BatchSizeLRCallback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
-                             law_draws=2, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    # min_r_squared=0: this test is about the law being used; the gate has its own test below.
+    cb = flat_callback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
+                       law_draws=2, law_min_r_squared=0.0,
+                       loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     seed_everything(0)
     trainer = Trainer(max_epochs=3, callbacks=[BatchSizeSchedule({0: 16, 2: 64}), cb, rec],
                       logger=logger, enable_progress_bar=False, enable_checkpointing=False)
@@ -202,8 +204,8 @@ def test_curvature_rule_fits_the_law_and_uses_it(tmp_path) -> None:
 def test_noisy_law_falls_back_to_the_fixed_rule(tmp_path) -> None:
     import torch.nn.functional as F
 
-    cb = BatchSizeLRCallback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
-                             law_draws=2, law_min_r_squared=1.0,  # no real fit is that good
+    cb = flat_callback(rule="curvature", monitor_every_n_steps=None, law_samples=64,
+                       law_draws=2, law_min_r_squared=1.0,  # no real fit is that good
                              loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     with pytest.warns(UserWarning, match="too noisy to use"):
         _fit(TinyModule(n=128), [BatchSizeSchedule({0: 16, 2: 64}), cb], tmp_path, epochs=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,9 @@ from torch.utils.hooks import RemovableHandle
 from lr_batch_callback.scaling.optimizers import unwrap_optimizer
 
 __all__ = ["LRScaler"]
+
+# optimizer -> its scaler: weak keys, so that a scaler never keeps an optimizer alive.
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, LRScaler] = weakref.WeakKeyDictionary()
 
 def _check_factor(value: object, name: str = "factor") -> float:
     """Return ``value`` as a finite ``float`` > 0, or raise naming the bad value."""
@@ -95,6 +99,16 @@ class LRScaler:
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
         ]
+        _ATTACHED[optimizer] = self
+
+    @staticmethod
+    def attached_to(optimizer: Any) -> LRScaler | None:
+        """The scaler currently hooked into ``optimizer`` (the latest one), or ``None``.
+
+        Lets code that only sees the optimizer (a monitor, a logger) read the LR a step uses.
+        """
+        scaler = _ATTACHED.get(unwrap_optimizer(optimizer))
+        return scaler if scaler is not None and scaler.attached else None
 
     # ---- factors -------------------------------------------------------------------------
 
@@ -235,6 +249,8 @@ class LRScaler:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if _ATTACHED.get(self.optimizer) is self:
+            del _ATTACHED[self.optimizer]
 
     def __enter__(self) -> LRScaler:
         return self

@@ -10,14 +10,14 @@ the learning rate at each change.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
+
+from lr_batch_callback._checks import check_batch_size, check_integer
 
 __all__ = ["BatchSizeSchedule"]
 
@@ -43,14 +43,17 @@ class BatchSizeSchedule(Callback):
             raise ValueError(
                 f"scheduling must be a non-empty dict {{epoch: batch_size}}, got {scheduling!r}."
             )
+        checked = {}
         for epoch, size in scheduling.items():
-            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-                raise ValueError(f"Epoch keys must be integers >= 0, got {epoch!r} in {scheduling}.")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(
-                    f"Batch sizes must be positive integers, got {size!r} for epoch {epoch}."
-                )
-        self.scheduling = dict(sorted(scheduling.items()))
+            try:
+                epoch = check_integer(epoch, "epoch key", minimum=0)
+                checked[epoch] = check_batch_size(size, f"the batch size of epoch {epoch}")
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{exc} Batch sizes must be positive integers, got {size!r} for "
+                                 f"epoch {epoch} in {scheduling}.") from exc
+        if not isinstance(batch_size_attr, str) or not batch_size_attr.isidentifier():
+            raise TypeError(f"batch_size_attr must be an attribute name, got {batch_size_attr!r}.")
+        self.scheduling = dict(sorted(checked.items()))
         self.batch_size_attr = batch_size_attr
 
     def batch_size_for(self, epoch: int) -> int | None:
@@ -87,8 +90,7 @@ class BatchSizeSchedule(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._set(trainer, pl_module, trainer.current_epoch + 1)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduling": self.scheduling}
+        upcoming = trainer.current_epoch + 1
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= upcoming:
+            return  # that epoch never runs: nothing to change or announce
+        self._set(trainer, pl_module, upcoming)

@@ -1,0 +1,149 @@
+"""``BatchSizeLRCallback``: LR scaling and spectrum monitoring in one callback.
+
+The one-line way to get both parts: it builds a
+:class:`~lr_batch_callback.callbacks.BatchSizeLRScaling` (``.scaling``) and a
+:class:`~lr_batch_callback.callbacks.SpectrumMonitor` (``.monitor``) and forwards every hook to
+them, the LR part first so that a measurement sees the LR the next step uses. Use either part
+alone when that is all you need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lr_batch_callback._checks import check_integer
+
+from lr_batch_callback.callbacks.monitor import SpectrumMonitor
+from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling, RuleSpec
+from lr_batch_callback.engine.batching import BatchSizeFn
+from lr_batch_callback.engine.operators import LossFn
+from lr_batch_callback.law.model import BatchSizeLaw
+from lr_batch_callback.law.online import LawConfig
+from lr_batch_callback.measurement import MonitorConfig
+
+__all__ = ["BatchSizeLRCallback"]
+
+class BatchSizeLRCallback(Callback):
+    """Rescale the learning rate when the effective batch size changes; log batch-Hessian spectra.
+
+    Args:
+        rule: ``"auto"`` (√ for Adam-family optimizers, linear for SGD-family), ``"linear"``,
+            ``"sqrt"``, ``"none"``, ``"curvature"`` (experimental), a callable
+            ``(old_batch_size, new_batch_size) -> float``, or a list with one per optimizer.
+        reference_batch_size: the effective batch size the configured LRs were tuned for
+            (default: the one configured when ``fit`` starts). Kept in checkpoints.
+        batch_size_attr: attribute (module, hparams or DataModule) holding the per-device batch.
+        batch_size_fn: counts the samples of a batch when the dataloader does not say.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` for the measurements (default: the
+            module's ``curvature_loss(batch)``, else ``training_step``'s loss).
+        monitor_every_n_steps: measure the spectrum every this many optimizer steps; ``None``
+            turns monitoring off.
+        monitor: what each measurement contains and its time budget (:class:`MonitorConfig`).
+        monitor_on_batch_size_change: also measure right after each batch-size change.
+        law: how ``rule="curvature"`` measures λ(B) (:class:`LawConfig`).
+        verbose: print a line when the factor changes.
+
+    Example::
+
+        trainer = Trainer(callbacks=[BatchSizeLRCallback(rule="auto")])
+    """
+
+    def __init__(
+        self,
+        rule: RuleSpec | list[RuleSpec] = "auto",
+        reference_batch_size: int | None = None,
+        batch_size_attr: str = "batch_size",
+        batch_size_fn: BatchSizeFn | None = None,
+        loss_fn: LossFn | None = None,
+        monitor_every_n_steps: int | None = 250,
+        monitor: MonitorConfig | None = None,
+        monitor_on_batch_size_change: bool = True,
+        law: LawConfig | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        check_integer(monitor_every_n_steps, "monitor_every_n_steps", allow_none=True,
+                      hint="None turns monitoring off")
+        self.scaling = BatchSizeLRScaling(rule, reference_batch_size, batch_size_attr,
+                                          batch_size_fn, loss_fn, law, verbose)
+        self.monitor = SpectrumMonitor(monitor_every_n_steps, monitor,
+                                       monitor_on_batch_size_change, loss_fn, batch_size_attr,
+                                       batch_size_fn)
+        self._parts: tuple[Callback, ...] = (self.scaling, self.monitor)
+
+    # -- the LR part's results, for convenience ----------------------------------------------------
+    @property
+    def factors(self) -> list[float]:
+        return self.scaling.factors
+
+    @property
+    def reference_batch_size(self) -> int | None:
+        return self.scaling.reference_batch_size
+
+    @property
+    def effective_batch_size(self) -> int | None:
+        return self.scaling.effective_batch_size
+
+    @property
+    def law(self) -> BatchSizeLaw | None:
+        return self.scaling.law
+
+    @property
+    def rule_names(self) -> list[str]:
+        return self.scaling.rule_names
+
+    def scaling_metrics(self) -> dict[str, float]:
+        return self.scaling.scaling_metrics()
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return type(self).__qualname__  # stable across constructor arguments
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.scaling.state_dict(), "monitor": self.monitor.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaling.load_state_dict(state_dict)
+        self.monitor.load_state_dict(state_dict.get("monitor", {}))
+
+    # -- hooks, forwarded --------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for part in self._parts:
+            part.setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self._parts:
+            part.on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for part in self._parts:
+            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        for part in self._parts:
+            part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for part in self._parts:
+            part.teardown(trainer, pl_module, stage)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        for part in self._parts:
+            part.on_exception(trainer, pl_module, exception)

@@ -1,0 +1,360 @@
+"""``SpectrumMonitor``: periodic batch-curvature spectra of a Lightning run, logged everywhere.
+
+The hook glue only: the measurement itself is :func:`~lr_batch_callback.measurement.measure_spectrum`,
+the time budget :class:`~lr_batch_callback.budget.Budget`, the outputs
+:mod:`~lr_batch_callback.callbacks.loggers`. It observes and never acts: the learning rate is
+the business of :class:`~lr_batch_callback.callbacks.BatchSizeLRScaling`.
+
+Under DDP every rank measures (products are averaged across ranks, so the eigenvalues are those
+of the global batch) and takes the same decisions, which rank 0 broadcasts at the same point on
+every rank; only rank 0 writes. A failed measurement is a warning and a logged skip, never a
+crashed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lr_batch_callback._checks import check_bool, check_callable, check_integer
+from lr_batch_callback.budget import Budget
+from lr_batch_callback.callbacks.batch_size import BatchSizeReader
+from lr_batch_callback.callbacks.loggers import log_metrics, publish_record, spectra_directories
+from lr_batch_callback.engine.batching import BatchSizeFn
+from lr_batch_callback.engine.operators import LossFn
+from lr_batch_callback.measurement import MonitorConfig, adam_preconditioner, measure_spectrum
+from lr_batch_callback.record import SpectrumRecord, TrainingContext
+from lr_batch_callback.scaling import LRScaler, is_adaptive
+
+__all__ = ["SpectrumMonitor", "loss_from_training_step"]
+
+# Strategies that shard parameters: the curvature of the full model is not at hand on a rank.
+_SHARDED = (FSDPStrategy, ModelParallelStrategy)
+
+
+def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torch.Tensor:
+    """The loss returned by ``module.training_step`` with its ``self.log`` calls silenced."""
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    module.log = lambda *args, **kwargs: None
+    module.log_dict = lambda *args, **kwargs: None
+    try:
+        out = module.training_step(batch, batch_idx)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+    if isinstance(out, dict):
+        out = out.get("loss")
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            "training_step did not return a loss tensor (or a dict with 'loss'), so the Hessian "
+            "cannot be measured. Pass loss_fn= or define `curvature_loss(self, batch)` on the "
+            "LightningModule."
+        )
+    return out
+
+
+class SpectrumMonitor(Callback):
+    """Measure the top eigenvalues (and now and then λ_min and the density) of the batch Hessian.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps, on the current training batch;
+            ``None`` turns monitoring off.
+        config: what each measurement contains, and the time budget (:class:`MonitorConfig`).
+        on_batch_size_change: also measure at the first optimizer step after the effective batch
+            size changed.
+        loss_fn: ``loss_fn(module, batch) -> scalar``. Default: the module's
+            ``curvature_loss(batch)`` if it has one, else ``training_step``'s loss with logging
+            silenced (said once).
+        batch_size_attr: attribute holding the per-device batch size (module, hparams or
+            DataModule), for the effective batch size in the records.
+        batch_size_fn: counts the samples of a batch when the dataloader does not say.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SpectrumMonitor(every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 250,
+        config: MonitorConfig | None = None,
+        on_batch_size_change: bool = True,
+        loss_fn: LossFn | None = None,
+        batch_size_attr: str = "batch_size",
+        batch_size_fn: BatchSizeFn | None = None,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_integer(every_n_steps, "every_n_steps", allow_none=True,
+                                           hint="None turns monitoring off")
+        if config is not None and not isinstance(config, MonitorConfig):
+            raise TypeError(f"config must be a MonitorConfig, got {config!r}.")
+        self.config = config or MonitorConfig()
+        self.on_batch_size_change = check_bool(on_batch_size_change, "on_batch_size_change")
+        self.loss_fn = check_callable(loss_fn, "loss_fn", "(module, batch) -> scalar tensor")
+        self.reader = BatchSizeReader(batch_size_attr, batch_size_fn)
+        self.budget = Budget(self.config.max_overhead)
+        self.measurements = 0
+        self.skipped = 0
+        self.disabled: str | None = None
+        self.last: SpectrumRecord | None = None
+        self._since = {"lambda_min": 0, "density": 0}
+        self._last_step = -1
+        self._effective: int | None = None
+        self._measure_next = False
+        self._destinations: list[Any] = []
+        self._warnings = WarningCache()
+        self._stretch_said = False
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return type(self).__qualname__  # stable across constructor arguments
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"measurements": self.measurements, "skipped": self.skipped,
+                "since": dict(self._since)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.measurements = int(state_dict.get("measurements", 0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self._since.update(state_dict.get("since", {}))
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps is not None and self.disabled is None
+
+    # -- hooks ------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.every_n_steps is None:
+            return
+        if isinstance(trainer.strategy, (*_SHARDED, DeepSpeedStrategy)) or \
+                type(trainer.strategy).__name__.startswith("XLA"):
+            raise MisconfigurationException(
+                f"Spectrum monitoring needs the whole model on every rank; "
+                f"{type(trainer.strategy).__name__} shards or wraps it. Pass "
+                "monitor_every_n_steps=None (every_n_steps=None) to keep only the LR scaling."
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._effective = self.reader.effective(trainer, pl_module)
+        self.budget.start(trainer.global_step)
+        # Files and artifacts are for real runs with a logger (logger=False: no files), written by
+        # rank 0 only; this reads each logger's own folder and calls no collective.
+        self._destinations = []
+        if (self.config.save_spectra and trainer.loggers and trainer.is_global_zero
+                and not trainer.fast_dev_run):
+            self._destinations = spectra_directories(trainer)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.reader.from_batches is None:
+            self.reader.observe(batch)
+        current = self.reader.effective(trainer, pl_module)
+        if current is not None and self._effective is not None and current != self._effective:
+            self._measure_next = self.on_batch_size_change
+        self._effective = current
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:
+            return  # no optimizer step (gradient accumulation): nothing changed
+        self._last_step = trainer.global_step
+        if not self.enabled:
+            return
+        due = self._measure_next or (trainer.global_step % self.every_n_steps == 0)  # type: ignore[operator]
+        if not due:
+            return
+        self._measure_next = False
+        wanted = (self._part_due("lambda_min", self.config.lambda_min_every),
+                  self._part_due("density", self.config.density_every))
+        plan = self.budget.plan(*wanted)
+        if trainer.world_size > 1:
+            # Every rank must take the same decision: a measurement runs collectives.
+            plan = trainer.strategy.broadcast(plan, src=0)
+        if not plan.run:
+            self._skip(trainer, over_budget=True)
+            return
+        self._measure(trainer, pl_module, batch, (plan.lambda_min, plan.density))
+
+    # -- measuring --------------------------------------------------------------------------------
+    def _part_due(self, part: str, every: int) -> bool:
+        return bool(every) and self._since[part] + 1 >= every
+
+    def _resolve_loss(self, pl_module: LightningModule) -> LossFn:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        method = getattr(pl_module, "curvature_loss", None)
+        if callable(method):
+            return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "Manual optimization: training_step steps the optimizers itself, so it cannot serve "
+                "as the loss for Hessian measurements. Pass loss_fn= to the callback or define "
+                "`curvature_loss(self, batch)` on your LightningModule."
+            )
+        self._warnings.warn(
+            "Spectrum monitoring measures the Hessian of `training_step`'s loss (logging "
+            "silenced). Define `curvature_loss(self, batch) -> Tensor` on the LightningModule or "
+            "pass loss_fn= to make it explicit."
+        )
+        return loss_from_training_step
+
+    @staticmethod
+    def _blocker(pl_module: LightningModule) -> str | None:
+        if any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
+            return "SyncBatchNorm has no double backward; convert it or turn monitoring off"
+        low = {p.dtype for p in pl_module.parameters() if p.requires_grad} & {torch.float16,
+                                                                            torch.bfloat16}
+        if low:
+            return (f"parameters are {sorted(str(d) for d in low)}: curvature estimates need "
+                    "float32/float64 parameters (use precision='16-mixed' or 'bf16-mixed')")
+        return None
+
+    def _turn_off(self, reason: str) -> None:
+        self.disabled = reason
+        rank_zero_warn(f"Hessian monitoring turned off: {reason}")
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                 parts: tuple[bool, bool]) -> None:
+        blocker = self._blocker(pl_module)
+        if blocker:
+            self._turn_off(blocker + ".")
+            return
+        try:
+            loss_fn = self._resolve_loss(pl_module)
+        except MisconfigurationException as exc:
+            self._turn_off(str(exc))
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        precondition = None
+        if optimizer is not None and is_adaptive(optimizer):
+            precondition = _bind(adam_preconditioner, optimizer)
+        try:
+            with warnings.catch_warnings():
+                if not trainer.is_global_zero:
+                    warnings.simplefilter("ignore")
+                record, cost = measure_spectrum(
+                    pl_module, loss_fn, batch, self.config, parts=parts, seed=self.measurements,
+                    distributed=trainer.world_size > 1, batch_size_fn=self.reader.fn,
+                    preconditioner=precondition)
+        except Exception as exc:  # a failed estimate is a warning, never a crashed run
+            if isinstance(exc, (ValueError, TypeError)):
+                # A configuration problem (k > P, no trainable parameters, a loss that is not a
+                # scalar...): every later measurement would fail the same way, so say it once.
+                self._turn_off(f"{type(exc).__name__}: {exc}")
+            else:
+                rank_zero_warn(f"Hessian spectrum measurement skipped: {type(exc).__name__}: {exc}")
+            self._skip(trainer, over_budget=False)
+            return
+        self._account(record, cost, parts)
+        record = dataclasses.replace(record, step=trainer.global_step, epoch=trainer.current_epoch,
+                                     context=self._context(trainer, record))
+        self.last = record
+        self._show(pl_module, record)
+        if trainer.is_global_zero:
+            log_metrics(trainer.loggers, {**record.metrics(self.config.k),
+                                          f"{self.config.curvature}/skipped": float(self.skipped)},
+                        trainer.global_step)
+            if self._destinations:
+                dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+                publish_record(trainer, record, self._destinations, dim)
+            self._say_cadence(trainer)
+
+    def _account(self, record: SpectrumRecord, cost: Any, parts: tuple[bool, bool]) -> None:
+        self.measurements += 1
+        density_products = record.density.num_products if record.density else 0
+        eig_products = record.estimate.num_products - density_products
+        products = {"lambda_max": 0 if parts[0] else eig_products,
+                    "lambda_min": max(eig_products - self.budget.last_products["lambda_max"], 0)
+                    if parts[0] else 0,
+                    "density": density_products}
+        self.budget.record(record.estimate.seconds, cost, products)
+        for part, included in zip(("lambda_min", "density"), parts, strict=True):
+            self._since[part] = 0 if included else self._since[part] + 1
+
+    def _context(self, trainer: Trainer, record: SpectrumRecord) -> TrainingContext:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is None:
+            return TrainingContext(effective_batch_size=self._effective)
+        scaler = LRScaler.attached_to(optimizer)
+        lr = scaler.effective_lrs()[0] if scaler else float(optimizer.param_groups[0]["lr"])
+        factor = scaler.factors[0] if scaler else 1.0
+        return TrainingContext(effective_batch_size=self._effective, lr=lr, lr_factor=factor,
+                               stability=stability(optimizer, lr, record))
+
+    def _skip(self, trainer: Trainer, over_budget: bool) -> None:
+        self.skipped += 1
+        if over_budget:
+            self._warnings.warn(
+                "Postponing a Hessian spectrum measurement: it would exceed max_overhead="
+                f"{self.config.max_overhead:.0%} of training time (next one about "
+                f"{self.budget.predict(False, False):.2f}s). The cadence stretches; raise "
+                "max_overhead, or lower max_iter, lambda_min_every or density_every. Postponed "
+                f"measurements are counted in '{self.config.curvature}/skipped'."
+            )
+        if trainer.is_global_zero:
+            log_metrics(trainer.loggers, {f"{self.config.curvature}/skipped": float(self.skipped)},
+                        trainer.global_step)
+
+    def _say_cadence(self, trainer: Trainer) -> None:
+        if self._stretch_said or self.every_n_steps is None:
+            return
+        every = self.budget.sustainable_every(trainer.global_step)
+        if every is not None and every > self.every_n_steps:
+            self._stretch_said = True
+            rank_zero_info(
+                f"SpectrumMonitor: at the measured cost ({self.budget.predict(False, False):.2f}s "
+                f"per measurement) max_overhead={self.config.max_overhead:.0%} allows about one "
+                f"measurement every {every} steps (requested every {self.every_n_steps})."
+            )
+
+    @staticmethod
+    def _show(pl_module: LightningModule, record: SpectrumRecord) -> None:
+        try:  # the progress bar; logger=False: the loggers got the record already
+            pl_module.log("lambda_max", record.lambda_max, prog_bar=True, logger=False, on_step=True,
+                          on_epoch=False)
+        except Exception:  # a hook without logging support (e.g. outside a fit loop)
+            pass
+
+
+def _bind(fn: Callable[..., Any], optimizer: torch.optim.Optimizer) -> Callable[[list[Any]], Any]:
+    return lambda params: fn(optimizer, params)
+
+
+def stability(optimizer: torch.optim.Optimizer, lr: float, record: SpectrumRecord) -> float | None:
+    r"""``lr × sharpness / threshold`` (1 is the edge of stability; see
+    :class:`~lr_batch_callback.record.TrainingContext`): SGD-family uses λ_max and
+    :math:`2(1+\mu)`, Adam-family the preconditioned λ_max and :math:`(2+2\beta_1)/(1-\beta_1)`."""
+    group = optimizer.param_groups[0]
+    adaptive = is_adaptive(optimizer)
+    if adaptive is False:
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        return lr * record.lambda_max / (2.0 * (1.0 + momentum))
+    sharpness = record.estimate.preconditioned_lambda_max
+    if adaptive and sharpness is not None and math.isfinite(sharpness):
+        beta1 = float(group.get("betas", (0.9, 0.999))[0])
+        return lr * sharpness * (1.0 - beta1) / (2.0 + 2.0 * beta1)
+    return None

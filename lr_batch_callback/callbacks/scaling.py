@@ -1,0 +1,374 @@
+"""``BatchSizeLRScaling``: the learning rate follows the effective batch size of a Lightning run.
+
+The hook glue only. The factor is ``rule(reference, effective)`` (:mod:`~lr_batch_callback.scaling`),
+always relative to the reference (never compounded), applied at step time by
+:class:`~lr_batch_callback.scaling.LRScaler` so that every LR scheduler keeps working in
+reference units. ``rule="curvature"`` fits the batch-size law on recent samples at each change
+(:mod:`~lr_batch_callback.law.online`).
+
+Hook timing (Lightning 2.x): ``setup`` records the configured batch size before BatchSizeFinder
+changes it in ``on_fit_start``; checkpointed optimizer/scheduler state is restored before
+``on_train_start``, where the factors are first applied; ``on_train_batch_start`` notices later
+changes (a batch-size schedule, GradientAccumulationScheduler, ...) before the first optimizer
+step they affect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
+from typing_extensions import override
+
+from lr_batch_callback._checks import check_batch_size, check_bool, check_callable
+from lr_batch_callback.callbacks.batch_size import BatchSizeReader
+from lr_batch_callback.callbacks.loggers import log_metrics
+from lr_batch_callback.callbacks.monitor import loss_from_training_step
+from lr_batch_callback.engine.batching import BatchSizeFn
+from lr_batch_callback.engine.lanczos import DEFAULT_TOL
+from lr_batch_callback.engine.operators import LossFn
+from lr_batch_callback.law.model import BatchSizeLaw
+from lr_batch_callback.law.online import LawConfig, SamplePool, fit_from_pool
+from lr_batch_callback.scaling import CurvatureRule, LRScaler, ScalingRule, resolve_rule
+
+__all__ = ["BatchSizeLRScaling", "RuleSpec"]
+
+RuleSpec = str | Callable[[int, int], float]
+
+
+def _rule_name(rule: Any) -> str:
+    if isinstance(rule, list):
+        return "[" + ",".join(_rule_name(r) for r in rule) + "]"
+    if isinstance(rule, str):
+        return rule
+    return str(getattr(rule, "__qualname__", type(rule).__qualname__))
+
+
+class BatchSizeLRScaling(Callback):
+    """Rescale the learning rate when the effective batch size changes.
+
+    Args:
+        rule: ``"auto"`` (√ for Adam-family optimizers, linear for SGD-family), ``"linear"``,
+            ``"sqrt"``, ``"none"``, ``"curvature"`` (experimental: the measured λ(B) law), a
+            callable ``(old_batch_size, new_batch_size) -> float``, or a list with one of these
+            per optimizer.
+        reference_batch_size: the effective batch size the configured learning rates were tuned
+            for. ``None``: the one configured when ``fit`` starts (before BatchSizeFinder runs);
+            when the train dataloader disagrees with ``batch_size_attr`` at the start, the
+            dataloader's (said once). Kept in checkpoints.
+        batch_size_attr: attribute of the LightningModule/DataModule (or their ``hparams``) that
+            holds the per-device batch size.
+        batch_size_fn: counts the samples of a batch, for batches whose size the dataloader
+            does not state (custom batch objects).
+        loss_fn: ``loss_fn(module, batch) -> scalar`` for ``rule="curvature"``'s measurements.
+        law: how ``rule="curvature"`` measures the law (:class:`~lr_batch_callback.LawConfig`).
+        verbose: print a line when the factor changes.
+
+    Example::
+
+        trainer = Trainer(callbacks=[BatchSizeLRScaling(rule="auto")])
+    """
+
+    def __init__(
+        self,
+        rule: RuleSpec | list[RuleSpec] = "auto",
+        reference_batch_size: int | None = None,
+        batch_size_attr: str = "batch_size",
+        batch_size_fn: BatchSizeFn | None = None,
+        loss_fn: LossFn | None = None,
+        law: LawConfig | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        for r in rule if isinstance(rule, list) else [rule]:
+            if r != "auto":
+                resolve_rule(r, torch.optim.SGD)  # unknown names fail here, not mid-fit
+        if law is not None and not isinstance(law, LawConfig):
+            raise TypeError(f"law must be a LawConfig, got {law!r}.")
+        self.rule = rule
+        self.reference_batch_size = check_batch_size(reference_batch_size, "reference_batch_size",
+                                                     allow_none=True)
+        self.reader = BatchSizeReader(batch_size_attr, batch_size_fn)
+        self.loss_fn = check_callable(loss_fn, "loss_fn", "(module, batch) -> scalar tensor")
+        self.law_config = law or LawConfig()
+        self.verbose = check_bool(verbose, "verbose")
+
+        self.effective_batch_size: int | None = None
+        self.factors: list[float] = []
+        self.law: BatchSizeLaw | None = None
+        self._effective_lrs: list[list[float]] = []
+        self._rules: list[ScalingRule] = []
+        self._scalers: list[LRScaler] = []
+        self._configured: int | None = None  # the batch-size attribute at setup
+        self._restored_rule: str | None = None
+        self._last_step = -1
+        self._pool = SamplePool(self.law_config.samples)
+        self._law_due = False
+        self._warnings = WarningCache()
+
+    # -- identity & state ---------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # Stable whatever the constructor arguments: a resumed run with the rule spelled
+        # differently still finds its reference batch size.
+        return type(self).__qualname__
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference_batch_size": self.reference_batch_size,
+            "effective_batch_size": self.effective_batch_size,
+            "rule": self.rule_names or [_rule_name(self.rule)],
+            "law": self.law.to_dict() if self.law is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("reference_batch_size"):
+            self.reference_batch_size = int(state_dict["reference_batch_size"])
+        if state_dict.get("law"):
+            self.law = BatchSizeLaw.from_dict(state_dict["law"])
+        rule = state_dict.get("rule")
+        self._restored_rule = ",".join(rule) if isinstance(rule, list) else rule
+
+    @property
+    def rule_names(self) -> list[str]:
+        """The rule in force for each optimizer (what ``"auto"`` resolved to), once fitting."""
+        return [rule.name for rule in self._rules]
+
+    # -- hooks --------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                "BatchSizeLRScaling does not support DeepSpeed: DeepSpeed wraps the optimizer, so "
+                "the step-time LR factor cannot be applied. Scale the LR in the DeepSpeed config."
+            )
+        if self._configured is None:  # BatchSizeFinder's internal restore re-enters setup
+            self._configured = self.reader.attribute(pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizers = trainer.optimizers
+        rules = self.rule if isinstance(self.rule, list) else [self.rule] * len(optimizers)
+        if len(rules) != len(optimizers):
+            raise MisconfigurationException(
+                f"BatchSizeLRScaling got {len(rules)} rules for {len(optimizers)} optimizers; pass "
+                "one rule, or a list with one rule per optimizer."
+            )
+        self._rules = [resolve_rule(r, opt) for r, opt in zip(rules, optimizers, strict=True)]
+        self._scalers = [LRScaler(opt) for opt in optimizers]
+        self._last_step = trainer.global_step
+        if self.reference_batch_size is None:
+            self.reference_batch_size = self._reference(trainer, pl_module)
+        elif self._restored_rule is not None and self._restored_rule != ",".join(self.rule_names):
+            rank_zero_info(
+                f"BatchSizeLRScaling: the checkpoint was trained with rule {self._restored_rule!r}, "
+                f"this run uses {','.join(self.rule_names)!r}. The reference batch size "
+                f"{self.reference_batch_size} is kept, so the factor now follows the new rule "
+                "from that reference."
+            )
+        self._set_law_on_rules()
+        self._law_due = self._uses_law and self.law is None
+        self._update(trainer, pl_module, start=True)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.reader.from_batches is None:
+            self.reader.observe(batch)
+        self._update(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:
+            return  # no optimizer step (gradient accumulation): nothing changed
+        self._last_step = trainer.global_step
+        if self._uses_law:
+            self._pool.add(batch)
+            if self._law_due and self._pool.size >= min(self.law_config.samples, 64):
+                self._refit_law(trainer, pl_module)
+        self._show(pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.scaling_metrics()  # keep the last LRs readable after the hooks are gone
+        for scaler in self._scalers:
+            scaler.remove()
+        self._scalers = []
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        for scaler in self._scalers:
+            scaler.restore()  # the checkpoint written on exit holds reference-unit LRs
+
+    # -- batch size and factor ------------------------------------------------------------------------
+    def _reference(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
+        """The effective batch size the LR was tuned for: the configured attribute at ``setup``
+        (before BatchSizeFinder), unless the dataloader disagrees although nothing changed it."""
+        loader = self.reader.loader(trainer)
+        configured = self._configured
+        current_attr = self.reader.attribute(pl_module)
+        per_device = configured
+        if configured is None:
+            per_device = loader or current_attr
+        elif loader is not None and loader != configured and current_attr == configured:
+            # The attribute did not move, yet the loader uses another size: it is not what
+            # trains (a stale hparams.batch_size, a loader that ignores it). Trust the loader.
+            self._warnings.warn(
+                f"BatchSizeLRScaling: `{self.reader.attr}` is {configured} but the train dataloader "
+                f"uses batch_size={loader}; the dataloader is what trains, so {loader} is taken as "
+                "the reference. Pass reference_batch_size= to choose yourself."
+            )
+            per_device = loader
+        if per_device is None:
+            return None
+        return per_device * trainer.accumulate_grad_batches * trainer.world_size
+
+    def _update(self, trainer: Trainer, pl_module: LightningModule, start: bool = False) -> None:
+        current = self.reader.effective(trainer, pl_module)
+        if current is None:
+            if start:
+                self._warnings.warn(
+                    "BatchSizeLRScaling cannot tell the batch size: the train dataloader has no "
+                    f"`batch_size` and the module has no `{self.reader.attr}` attribute. It will "
+                    "read the first batch's size; set `batch_size_attr` (or pass "
+                    "`batch_size_fn=`) to be sure."
+                )
+            elif self.reader.from_batches is None:
+                self._warnings.warn(
+                    "BatchSizeLRScaling is inactive: it cannot count the samples of batches of "
+                    "this type. Pass batch_size_fn=(batch -> number of samples) or "
+                    f"set `{self.reader.attr}` on the module."
+                )
+            return
+        if self.reference_batch_size is None:
+            self.reference_batch_size = current
+        if current == self.effective_batch_size and not start:
+            return
+        changed = self.effective_batch_size is not None
+        self.effective_batch_size = current
+        if changed and self._uses_law:
+            self._law_due = True
+            if self._pool.size >= min(self.law_config.samples, 64):
+                return self._refit_law(trainer, pl_module)  # announces the factor itself
+        self._apply(trainer, announce=True)
+
+    def _apply(self, trainer: Trainer, announce: bool) -> None:
+        assert self.reference_batch_size is not None and self.effective_batch_size is not None
+        self.factors = []
+        for rule, scaler in zip(self._rules, self._scalers, strict=True):
+            factor = float(rule(self.reference_batch_size, self.effective_batch_size))
+            scaler.set_factor(factor)
+            self.factors.append(factor)
+        if announce and self.verbose:
+            rank_zero_info(
+                f"BatchSizeLRScaling: effective batch size {self.effective_batch_size} "
+                f"(reference {self.reference_batch_size}) -> LR factor "
+                + ", ".join(f"{f:.4g} ({r.name})" for f, r in zip(self.factors, self._rules,
+                                                                    strict=True))
+            )
+        if trainer.is_global_zero:
+            log_metrics(trainer.loggers, self.scaling_metrics(), trainer.global_step)
+
+    def scaling_metrics(self) -> dict[str, float]:
+        """The fixed-key LR metrics: ``lr_batch/*`` (see the README)."""
+        metrics = {
+            "lr_batch/effective_batch_size": float(self.effective_batch_size or math.nan),
+            "lr_batch/reference_batch_size": float(self.reference_batch_size or math.nan),
+        }
+        if self._scalers:  # attached: the LRs the next step will use
+            self._effective_lrs = [[float(lr) for lr in sc.effective_lrs()] for sc in self._scalers]
+        for i, (factor, lrs) in enumerate(zip(self.factors, self._effective_lrs, strict=True)):
+            opt = "" if i == 0 else f"_opt{i}"
+            metrics[f"lr_batch/factor{opt}"] = factor
+            for j, lr in enumerate(lrs):
+                metrics[f"lr_batch/lr{opt}_pg{j}"] = lr
+        return metrics
+
+    def _show(self, pl_module: LightningModule) -> None:
+        """The effective LRs on the Trainer's logging cadence, the factor in the progress bar."""
+        if not self._scalers or not self.factors:
+            return
+        try:
+            for i, scaler in enumerate(self._scalers):
+                opt = "" if i == 0 else f"_opt{i}"
+                for j, lr in enumerate(scaler.effective_lrs()):
+                    pl_module.log(f"lr_batch/lr{opt}_pg{j}", lr, on_step=True, on_epoch=False,
+                                  prog_bar=False)
+            pl_module.log("lr_factor", self.factors[0], on_step=True, on_epoch=False,
+                          prog_bar=True, logger=False)
+        except Exception:  # a loop without logging support: nothing to show
+            pass
+
+    # -- the curvature law ----------------------------------------------------------------------------
+    @property
+    def _uses_law(self) -> bool:
+        return any(isinstance(r, CurvatureRule) for r in self._rules)
+
+    def _set_law_on_rules(self) -> bool:
+        """Give the fitted law to the curvature rules if it is good enough; say whether it was."""
+        # Gate on the fit of the per-B means: single draws scatter too much at small B for the
+        # per-draw R² to say whether λ(B) is captured (0.34 on digits where the means gave 0.95).
+        usable = (self.law is not None
+                  and self.law.r_squared_of_means >= self.law_config.min_r_squared)
+        for rule in self._rules:
+            if isinstance(rule, CurvatureRule):
+                rule.law = self.law if usable else None
+        return usable
+
+    def _law_loss(self, pl_module: LightningModule) -> LossFn:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        if callable(getattr(pl_module, "curvature_loss", None)):
+            return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
+        return loss_from_training_step
+
+    def _refit_law(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._law_due = False
+        law = None
+        # Under DDP each rank holds other samples and would fit another law and step with another
+        # learning rate: rank 0 fits, every rank uses its law.
+        if trainer.is_global_zero:
+            try:
+                dataset = getattr(trainer.train_dataloader, "dataset", None)
+                law = fit_from_pool(
+                    pl_module, self._law_loss(pl_module), self._pool, self.law_config,
+                    curvature="hessian", dataset_size=len(dataset) if hasattr(dataset, "__len__")
+                    else None, seed=trainer.global_step, tol=DEFAULT_TOL, max_iter=50)
+            except Exception as exc:
+                self._warnings.warn(f"rule='curvature': fitting the λ(B) law failed ({exc}); "
+                                    "keeping the previous factor.")
+        if trainer.world_size > 1:
+            data = trainer.strategy.broadcast(law.to_dict() if law is not None else None, src=0)
+            law = BatchSizeLaw.from_dict(data) if data is not None else None
+        if law is not None:
+            self.law = law
+            if not self._set_law_on_rules():
+                self._warnings.warn(
+                    f"rule='curvature': the λ(B) fit is too noisy to use (R² of the per-batch-size "
+                    f"means {law.r_squared_of_means:.2f} < min_r_squared="
+                    f"{self.law_config.min_r_squared}); using the fixed linear/√ rule until a "
+                    "better fit. Raise LawConfig.samples or .draws for a steadier fit."
+                )
+            if trainer.is_global_zero:
+                log_metrics(trainer.loggers, {
+                    "law/lambda_emp": law.lambda_emp,
+                    "law/noise_coefficient": law.noise_coefficient,
+                    "law/critical_batch_size": law.critical_batch_size,
+                    "law/r_squared": law.r_squared,
+                    "law/r_squared_of_means": law.r_squared_of_means,
+                }, trainer.global_step)
+        self._apply(trainer, announce=True)

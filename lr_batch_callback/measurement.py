@@ -1,0 +1,189 @@
+"""One spectrum measurement during training: what it contains and how it is computed.
+
+:class:`MonitorConfig` says what a measurement measures; :func:`measure_spectrum` builds the
+curvature operator on the batch *once* and runs on it everything that is due — λ_max (every
+time), λ_min (every ``lambda_min_every``-th), the density (every ``density_every``-th) and, for
+Adam-family optimizers, the preconditioned sharpness — returning a typed
+:class:`~lr_batch_callback.record.SpectrumRecord` and the measured costs. Nothing here knows
+Lightning; the :class:`~lr_batch_callback.callbacks.SpectrumMonitor` callback decides when.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lr_batch_callback._checks import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_positive_float,
+)
+from lr_batch_callback.engine.batching import BatchSizeFn
+from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
+from lr_batch_callback.engine.lanczos import DEFAULT_TOL, LanczosOptions, lanczos
+from lr_batch_callback.engine.operators import CURVATURES, CurvatureOperator, LossFn, make_operator
+from lr_batch_callback.record import DensityQuadrature, SpectrumEstimate, SpectrumRecord
+
+__all__ = ["MeasurementCost", "MonitorConfig", "adam_preconditioner", "measure_spectrum"]
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What each spectrum measurement of a training run contains, and its budget.
+
+    Attributes:
+        curvature: ``"hessian"`` or ``"ggn"``.
+        k: number of top eigenvalues.
+        tol: relative tolerance of each eigenvalue.
+        max_iter: cap on products per Lanczos run.
+        lambda_min_every: include λ_min (the most negative eigenvalue, several times dearer than
+            λ_max) in every this many measurements; 0: never.
+        density_every: include the spectral density in every this many measurements; 0: never.
+        density_probes: SLQ probe vectors of a density.
+        density_steps: Lanczos steps per probe of a density.
+        max_overhead: fraction of training time measurements may take; over budget they are
+            postponed (the cadence stretches). ``None``: no budget.
+        save_spectra: write each measurement as a JSON file into the loggers' runs.
+    """
+
+    curvature: str = "hessian"
+    k: int = 1
+    tol: float = DEFAULT_TOL
+    max_iter: int = 30
+    lambda_min_every: int = 4
+    density_every: int = 8
+    density_probes: int = DEFAULT_PROBES
+    density_steps: int = DEFAULT_STEPS
+    max_overhead: float | None = 0.05
+    save_spectra: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self.curvature, "curvature", CURVATURES,
+                     hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised "
+                          "Gauss-Newton.")
+        check_integer(self.k, "k")
+        check_positive_float(self.tol, "tol", example="1e-3")
+        wanted = 2 * self.k if self.lambda_min_every else self.k
+        check_integer(self.max_iter, "max_iter", minimum=wanted,
+                      hint=f"at least the {wanted} eigenvalues a measurement may ask for")
+        check_integer(self.lambda_min_every, "lambda_min_every", minimum=0, hint="0 never measures λ_min")
+        check_integer(self.density_every, "density_every", minimum=0, hint="0 never measures it")
+        check_integer(self.density_probes, "density_probes")
+        check_integer(self.density_steps, "density_steps")
+        check_fraction(self.max_overhead, "max_overhead", allow_none=True, meaning="no budget")
+        check_bool(self.save_spectra, "save_spectra")
+
+
+@dataclass(frozen=True)
+class MeasurementCost:
+    """Seconds spent building the operator and per curvature product (for the budget)."""
+
+    build_seconds: float
+    seconds_per_product: float
+
+
+def _preconditioned(operator: CurvatureOperator, scale: Tensor) -> CurvatureOperator:
+    """:math:`S A S` for the diagonal ``scale`` :math:`S = P^{-1/2}` (symmetric, similar to
+    :math:`P^{-1}A`)."""
+    return CurvatureOperator.from_function(lambda V: operator.matmat(V * scale) * scale,
+                                           operator.dim, dtype=operator.dtype,
+                                           device=operator.device)
+
+
+def measure_spectrum(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    config: MonitorConfig,
+    *,
+    parts: tuple[bool, bool],
+    seed: int,
+    distributed: bool = False,
+    batch_size_fn: BatchSizeFn | None = None,
+    preconditioner: Callable[[list[Tensor]], Tensor | None] | None = None,
+) -> tuple[SpectrumRecord, MeasurementCost]:
+    """Measure the spectrum of ``model``'s batch curvature on ``batch`` (one graph build).
+
+    Args:
+        model, loss_fn, batch: as :func:`~lr_batch_callback.hessian_eigenvalues` takes them.
+        config: what to measure.
+        parts: ``(lambda_min, density)``: which of the occasional parts this measurement has.
+        seed: seeds the start vectors and the probes.
+        distributed: average over the ranks of the default process group.
+        batch_size_fn: counts the samples of a batch.
+        preconditioner: maps the operator's parameters to :math:`P^{-1/2}` as a flat vector
+            (Adam's ``1/sqrt(sqrt(v̂)+ε)``, see :func:`adam_preconditioner`) to also measure the
+            preconditioned sharpness; it may return ``None``.
+
+    Returns:
+        ``(record, cost)``: the record has step and epoch 0 and an empty context (the caller
+        fills them with :func:`dataclasses.replace`).
+    """
+    with_min, with_density = parts
+    begin = time.perf_counter()
+    operator = make_operator(config.curvature, model, loss_fn, [batch], batch_size_fn=batch_size_fn,
+                             distributed=distributed)
+    built = time.perf_counter()
+    with operator:
+        quiet = LanczosOptions(warn_unconverged=False)
+        result = lanczos(operator, config.k, which="both" if with_min else "largest",
+                         tol=config.tol, max_iter=config.max_iter, seed=seed, options=quiet)
+        density = None
+        if with_density:
+            quadrature = slq(operator, config.density_probes, config.density_steps,
+                             seed=10_000 + seed)
+            density = DensityQuadrature(
+                nodes=quadrature.nodes.tolist(), weights=quadrature.weights.tolist(),
+                sigma=quadrature.density().sigma, num_products=quadrature.num_products)
+        sharpness = None
+        scale = preconditioner(operator.params) if preconditioner is not None else None
+        if scale is not None:
+            pre = lanczos(_preconditioned(operator, scale.to(operator.device, operator.dtype)),
+                          tol=config.tol, max_iter=config.max_iter, seed=20_000 + seed,
+                          options=quiet)
+            sharpness = float(pre.eigenvalues[0])
+        products = operator.num_products
+        samples = int(operator.total_samples)
+    seconds = time.perf_counter() - begin
+    values = result.eigenvalues.tolist()
+    top = values[: config.k]
+    estimate = SpectrumEstimate(
+        eigenvalues=top, lambda_min=float(values[-1]) if with_min else None,
+        error_bounds=result.error_bounds.tolist(), converged=bool(result.converged),
+        num_products=products, seconds=seconds, num_samples=samples,
+        preconditioned_lambda_max=sharpness,
+    )
+    record = SpectrumRecord(step=0, epoch=0, curvature=config.curvature, estimate=estimate,
+                            density=density)
+    cost = MeasurementCost(build_seconds=built - begin,
+                           seconds_per_product=(seconds - (built - begin)) / max(products, 1))
+    return record, cost
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
+    r""":math:`P^{-1/2}` of Adam-family optimizers as one flat vector over ``params``:
+    :math:`1/\sqrt{\sqrt{\hat v} + \epsilon}` with :math:`\hat v = v/(1-\beta_2^t)`; ``None`` when
+    the optimizer holds no second-moment estimate for every parameter (before its first step, or
+    not Adam-like)."""
+    parts = []
+    for group in optimizer.param_groups:
+        beta2 = group.get("betas", (0.9, 0.999))[1]
+        eps = group.get("eps", 1e-8)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in state or "step" not in state:
+                continue
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+            parts.append((p, (v_hat.sqrt() + eps).rsqrt()))
+    lookup = {id(p): scale for p, scale in parts}
+    if any(id(p) not in lookup for p in params):
+        return None
+    return torch.cat([lookup[id(p)].reshape(-1) for p in params])
