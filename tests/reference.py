@@ -125,3 +125,35 @@ def assert_same_state(model: nn.Module, before: dict[str, Any]) -> None:
     assert torch.equal(before["torch_rng"], after["torch_rng"])
     assert before["python_rng"] == after["python_rng"]
     assert np.array_equal(before["numpy_rng"], after["numpy_rng"])
+
+
+def zoo_hessian(case: Any) -> Tensor:
+    """Dense Hessian of a zoo case over its chosen parameters, with the engine's substitutions."""
+    from lr_batch_callback.engine.differentiable import twice_differentiable
+    from lr_batch_callback.engine.isolation import isolated
+
+    with isolated(case.model), twice_differentiable():
+        return dense_hessian(case.model, case.loss_fn, case.batch, case.chosen)
+
+
+def zoo_ggn(case: Any) -> Tensor:
+    """Dense GGN J^T H_f J of a zoo case: J row by row, H_f of the loss in the model output."""
+    from lr_batch_callback.engine.differentiable import twice_differentiable
+    from lr_batch_callback.engine.isolation import isolated
+
+    params = case.chosen
+    with isolated(case.model), twice_differentiable():
+        out = case.output_fn(case.model, case.batch)
+        flat_out = out.reshape(-1)
+        J = torch.stack([
+            _flat(torch.autograd.grad(flat_out[i], params, retain_graph=True, allow_unused=True),
+                  params)
+            for i in range(flat_out.numel())
+        ])
+        f = out.detach().requires_grad_(True)
+        (df,) = torch.autograd.grad(case.loss_of_output(f), f, create_graph=True)
+        df = df.reshape(-1)
+        Hf = torch.stack([torch.autograd.grad(df[i], f, retain_graph=True)[0].reshape(-1)
+                          for i in range(df.numel())])
+    G = (J.T @ Hf @ J).detach()
+    return (G + G.T) / 2
