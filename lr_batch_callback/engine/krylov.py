@@ -193,7 +193,9 @@ class LanczosRecurrence:
         self._basis[:, self._rows(j)] = X
         W = self.operator.matmat(X.reshape(n * b, -1)).reshape(n, b, -1)
         self.num_products += n * b
-        scale = torch.linalg.vector_norm(W, dim=2, dtype=torch.float64)
+        # Norms in the working dtype: a float64 cast would copy every vector (45 MB per vector
+        # for ResNet-18) for a number that rounding in the products limits anyway.
+        scale = torch.linalg.vector_norm(W, dim=2).to(torch.float64)
         diag = torch.empty((n, b, b), dtype=torch.float64, device=X.device)
         asym = torch.zeros((), dtype=torch.float64, device=X.device)
         for c in range(n):
@@ -243,7 +245,7 @@ class LanczosRecurrence:
         n, b, _ = R.shape
         tiny = torch.finfo(torch.float64).tiny
         if b == 1:
-            norms = torch.linalg.vector_norm(R, dim=2, dtype=torch.float64)
+            norms = torch.linalg.vector_norm(R, dim=2).to(torch.float64)
             X = R / norms.clamp_min(tiny).to(R.dtype).unsqueeze(2)
             return norms.unsqueeze(2), norms, X
         G = torch.zeros((n, b, b), dtype=torch.float64, device=R.device)
@@ -258,7 +260,7 @@ class LanczosRecurrence:
                     coeff = X[c, :i] @ r
                     r = r - coeff @ X[c, :i]
                     G[c, i, :i] += coeff.to(torch.float64)
-                nu = torch.linalg.vector_norm(r, dtype=torch.float64)
+                nu = torch.linalg.vector_norm(r).to(torch.float64)
                 norms[c, i] = nu
                 if float(nu) <= float(threshold[c, i]):
                     r = random_rows(1, r.numel(), self.generator, r)[0]

@@ -341,11 +341,12 @@ def lanczos(
         converged = False
         warnings.warn(
             f"The curvature operator is not symmetric: products disagree with their transposes by "
-            f"{asymmetry:.2e} of the spectral radius (rounding gives about {symmetry_tol / 1e3:.0e}). "
-            "Its eigenvalues are unreliable; converged=False. Likely causes: an operation whose "
-            "double backward is wrong (a custom autograd.Function, torch._weight_norm outside "
-            "the substitutes), or a loss that changes between products (randomness not fixed by "
-            "the RNG state, data-dependent control flow).",
+            f"{asymmetry:.2e} of the spectral radius (more than the {symmetry_tol:.0e} rounding "
+            "allows). Its eigenvalues are unreliable; converged=False. Likely causes: an operation "
+            "whose double backward is wrong or missing (a custom autograd.Function, one marked "
+            "@once_differentiable, which PyTorch may silently treat as constant), or a loss that "
+            "changes between products (randomness not fixed by the RNG state, data-dependent "
+            "control flow).",
             RuntimeWarning, stacklevel=2,
         )
     elif not converged and opts.warn_unconverged:

@@ -434,7 +434,15 @@ class _ModelCurvature(CurvatureOperator):
 
     @staticmethod
     def _flatten_rows(tensors: Sequence[Tensor], k: int) -> Tensor:
-        return torch.cat([t.reshape(k, -1) for t in tensors], dim=1)
+        # One copy per tensor into a preallocated matrix: reshape-then-cat would copy twice the
+        # gradients that double backward returns with non-contiguous strides (convolutions).
+        sizes = [t[0].numel() for t in tensors]
+        out = torch.empty((k, sum(sizes)), dtype=tensors[0].dtype, device=tensors[0].device)
+        offset = 0
+        for t, n in zip(tensors, sizes, strict=True):
+            out[:, offset : offset + n].view(t.shape).copy_(t)
+            offset += n
+        return out
 
 
 class HessianOperator(_ModelCurvature):
