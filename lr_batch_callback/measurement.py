@@ -143,7 +143,7 @@ def measure_spectrum(
                 nodes=quadrature.nodes.tolist(), weights=quadrature.weights.tolist(),
                 sigma=quadrature.density().sigma, num_products=quadrature.num_products)
         sharpness = None
-        scale = preconditioner(operator.params) if preconditioner is not None else None
+        scale = preconditioner(list(operator.params)) if preconditioner is not None else None
         if scale is not None:
             pre = lanczos(_preconditioned(operator, scale.to(operator.device, operator.dtype)),
                           tol=config.tol, max_iter=config.max_iter, seed=20_000 + seed,

@@ -275,6 +275,29 @@ def run_lightning(out: str, rule: str, optimizer: str) -> None:
         json.dump(summary, fh)
 
 
+def run_loggers(out: str, logger_kind: str) -> None:
+    """DDP with a real logger attached and spectra files on: must finish (0.1 hung here)."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lr_batch_callback import BatchSizeLRCallback, MonitorConfig
+
+    DDPModule, _, _ = _lightning_classes()
+    seed_everything(0)
+    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=2,
+                             monitor=MonitorConfig(max_overhead=None, density_every=2))
+    logger: Any = True if logger_kind == "default" else CSVLogger(out, name="csv")
+    trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, callbacks=[cb],
+                      logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, log_every_n_steps=1, default_root_dir=out)
+    trainer.fit(DDPModule(n=128))
+    summary = {"rank": trainer.global_rank, "measurements": cb.monitor.measurements,
+               "log_dir": trainer.loggers[0].log_dir if trainer.is_global_zero else None,
+               "global_step": trainer.global_step}
+    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
+        json.dump(summary, fh)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -287,11 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     light.add_argument("--out", required=True)
     light.add_argument("--rule", default="linear")
     light.add_argument("--optimizer", default="sgd")
+    loggers = sub.add_parser("loggers")
+    loggers.add_argument("--out", required=True)
+    loggers.add_argument("--logger", choices=("default", "csv"), required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two ranks on two cores
     try:
         if args.mode == "engine":
             run_engine(args.rank, args.world_size, args.port, args.out)
+        elif args.mode == "loggers":
+            run_loggers(args.out, args.logger)
         else:
             run_lightning(args.out, args.rule, args.optimizer)
     except BaseException:

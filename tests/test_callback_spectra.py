@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lr_batch_callback import BatchSizeLRCallback, load_spectra, plot_spectra
+from lr_batch_callback import load_spectra, plot_spectra
 from tests.lightning_helpers import TinyModule, flat_callback
 from tests.reference import dense_hessian
 

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lr_batch_callback import spectral_density
-from lr_batch_callback import HessianOperator
+from lr_batch_callback import HessianOperator, spectral_density
 from lr_batch_callback.engine.density import broaden, rademacher_probes, slq, slq_quadrature
 from tests.models import ce_loss, classification_batch, make
 from tests.reference import dense_hessian

@@ -113,6 +113,16 @@ def _run_lightning(base: Path, name: str, *args: str) -> Path:
         run.kill()
 
 
+def _run_loggers(base: Path, kind: str) -> Path:
+    out = base / f"loggers-{kind}"
+    run = _Run(out, [[sys.executable, str(WORKER), "loggers", "--out", str(out), "--logger", kind]],
+               _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
+    try:
+        return run.wait()  # a hang in a collective is killed after TIMEOUT and fails the test
+    finally:
+        run.kill()
+
+
 def _ranks(out: Path) -> list[dict[str, Any]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -273,3 +283,31 @@ def test_ddp_curvature_rule_is_the_same_on_every_rank(ddp_dir) -> None:
     assert ranks[0]["used"] == ranks[1]["used"]
     assert ranks[0]["used"][-1] != pytest.approx(0.05)  # the law did change the LR
     assert ranks[0]["final_state_sum"] == ranks[1]["final_state_sum"]  # replicas did not drift
+
+
+# -- DDP with a logger attached (0.1 hung at the first measurement) --------------------------------
+
+@pytest.mark.parametrize("kind", ["default", "csv"])
+def test_ddp_with_a_logger_and_spectra_files_finishes_and_writes_them(ddp_dir, kind) -> None:
+    import csv
+
+    from lr_batch_callback import load_spectra
+
+    out = _run_loggers(ddp_dir, kind)
+    ranks = _ranks(out)
+    assert [r["measurements"] for r in ranks] == [2, 2]  # 128 / (16 x 2) = 4 steps, every 2nd
+    log_dir = Path(ranks[0]["log_dir"])
+    records = load_spectra(log_dir)
+    assert [r.step for r in records] == [2, 4]
+    assert [r.density is not None for r in records] == [False, True]
+    assert all(r.context.effective_batch_size == 32 for r in records)
+    if kind == "csv":
+        with open(log_dir / "metrics.csv") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("hessian/lambda_max")]
+        assert [int(r["step"]) for r in rows] == [2, 4]
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(log_dir))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("hessian/lambda_max")] == [2, 4]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -16,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lr_batch_callback import SpectrumRecord, load_spectra
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +50,9 @@ def column_values(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-def spectra_records(run_dir: Path) -> list[dict]:
-    files = sorted((run_dir / "spectra").glob("step_*.json"))
-    return [json.loads(f.read_text()) for f in files]
+def spectra_records(run_dir: Path) -> list[SpectrumRecord]:
+    assert list((run_dir / "spectra").glob("step_*.json"))
+    return load_spectra(run_dir / "spectra")
 
 
 def test_demo_fast(tmp_path: Path) -> None:
@@ -65,9 +67,9 @@ def test_demo_fast(tmp_path: Path) -> None:
     assert column_values(rows, "lr_batch/factor") == [0.5, 1.0]
     records = spectra_records(run_dir)
     assert len(records) >= 3
-    assert all(r["lambda_max"] > 0 for r in records)
-    assert any(r["density"] for r in records)
-    assert {r["effective_batch_size"] for r in records} == {16, 32}
+    assert all(r.lambda_max > 0 for r in records)
+    assert any(r.density is not None for r in records)
+    assert {r.effective_batch_size for r in records} == {16, 32}
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -149,3 +151,29 @@ def test_batch_size_finder(tmp_path: Path) -> None:
     _, rows = csv_columns_and_rows(run_dir / "metrics.csv")
     assert column_values(rows, "lr_batch/factor")[-1] == pytest.approx(found / 32)
     assert not list(ROOT.glob(".scale_batch_size_*.ckpt"))  # the finder cleans up after itself
+
+
+def _load_models():
+    spec = importlib.util.spec_from_file_location("_examples_models", ROOT / "examples" / "models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_parameter_counts() -> None:
+    """The counts that examples/models.py's docstrings (and the README) state."""
+    models = _load_models()
+
+    def count(model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    assert count(models.SmallCNN()) == 151_306  # the demo's and the benchmarks' CNN
+    assert count(models.SmallCNN(width=16)) == 38_282  # reproduce_paper.py
+    assert count(models.SmallCNN(width=8)) == 9_802  # reproduce_paper.py --fast
+    assert count(models.DigitsMLP()) == 26_122
+    assert count(models.WideResNet(10, 1)) == 83_700  # the smoke tests' WRN-10-1
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        assert count(models.VGG16()) == 15_291_300
+        assert count(models.VGG16(batch_norm=True)) == 15_299_748
+        assert count(models.WideResNet(28, 10)) == 36_536_884

@@ -35,7 +35,7 @@ def test_lr_oracle_quick(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "lr_oracle.json").read_text())
     assert results["config"]["quick"] is True
     tasks = results["tasks"]
-    assert set(tasks) == {"digits_cnn", "tiny_lm", "teacher_noise"}
+    assert set(tasks) == {"digits_cnn", "tiny_lm", "noisy_teacher"}
     rules = results["config"]["rules"]
     assert set(rules) == {"sgd", "adam"}
     for kind in ("sgd", "adam"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -25,7 +26,7 @@ def _run(tmp_path: Path, *extra: str) -> str:
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    for name in ("spectra_vs_batch.png", "lambda_vs_inv_batch.png", "results.md"):
+    for name in ("spectra_vs_batch.png", "lambda_vs_inv_batch.png", "results.md", "results.json"):
         path = tmp_path / name
         assert path.is_file() and path.stat().st_size > 0, f"{name} was not written"
     return (tmp_path / "results.md").read_text()
@@ -54,3 +55,21 @@ def test_fast_full_path_on_fake_cifar(tmp_path: Path) -> None:
     assert TABLE_HEADER in results
     assert math.isfinite(_r_squared(results))
     assert "FAKE CIFAR-100" in results
+
+
+def test_report_only_refills_generated_blocks_and_keeps_the_prose(tmp_path: Path) -> None:
+    """results.md is rebuilt from results.json alone; text outside the generated blocks survives."""
+    pytest.importorskip("sklearn")
+    generated = _run(tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"config", "curvature", "trajectory", "tuning", "runs"} <= set(data)
+    assert data["problem"]["num_params"] == 9_802  # SmallCNN(width=8), the --fast network
+    hand_written = "\n## Verdict by hand\n\nThe law holds.\n"
+    stale = re.sub(r"(<!-- generated:training -->\n).*?(<!-- /generated -->)", r"\1stale\n\2", generated,
+                   flags=re.DOTALL)
+    assert stale != generated
+    (tmp_path / "results.md").write_text(stale + hand_written)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--report-only", "--output-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == generated + hand_written

@@ -16,7 +16,6 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_integer
-
 from lr_batch_callback.callbacks.monitor import SpectrumMonitor
 from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling, RuleSpec
 from lr_batch_callback.engine.batching import BatchSizeFn

@@ -23,7 +23,6 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -64,7 +63,7 @@ def spectra_directories(trainer: Trainer) -> list[tuple[Logger, Path | None]]:
         if kind == "mlflow":
             out.append((logger, None))
         elif kind == "wandb":
-            out.append((logger, Path(logger.experiment.dir) / SPECTRA_DIRNAME))
+            out.append((logger, Path(logger.experiment.dir) / SPECTRA_DIRNAME))  # type: ignore[attr-defined]
         else:
             log_dir = getattr(logger, "log_dir", None)
             if not log_dir:
@@ -85,12 +84,13 @@ def publish_record(trainer: Trainer, record: SpectrumRecord,
             if kind == "mlflow":
                 with tempfile.TemporaryDirectory() as staging:
                     path = write_record(staging, record)
-                    logger.experiment.log_artifact(logger.run_id, str(path), SPECTRA_DIRNAME)
+                    logger.experiment.log_artifact(  # type: ignore[attr-defined]
+                        logger.run_id, str(path), SPECTRA_DIRNAME)  # type: ignore[attr-defined]
                 continue
             assert folder is not None
             path = write_record(folder, record)
             if kind == "wandb":
-                run = logger.experiment
+                run = logger.experiment  # type: ignore[attr-defined]
                 run.save(str(path), base_path=str(Path(run.dir)), policy="now")
             if isinstance(logger, TensorBoardLogger) and record.density is not None:
                 _tensorboard(logger, record, dim)

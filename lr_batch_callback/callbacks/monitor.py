@@ -163,7 +163,7 @@ class SpectrumMonitor(Callback):
         # rank 0 only; this reads each logger's own folder and calls no collective.
         self._destinations = []
         if (self.config.save_spectra and trainer.loggers and trainer.is_global_zero
-                and not trainer.fast_dev_run):
+                and not getattr(trainer, "fast_dev_run", False)):
             self._destinations = spectra_directories(trainer)
 
     @override

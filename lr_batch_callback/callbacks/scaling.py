@@ -16,7 +16,7 @@ step they affect.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
@@ -344,10 +344,11 @@ class BatchSizeLRScaling(Callback):
         if trainer.is_global_zero:
             try:
                 dataset = getattr(trainer.train_dataloader, "dataset", None)
+                size = len(dataset) if isinstance(dataset, Sized) else None
                 law = fit_from_pool(
                     pl_module, self._law_loss(pl_module), self._pool, self.law_config,
-                    curvature="hessian", dataset_size=len(dataset) if hasattr(dataset, "__len__")
-                    else None, seed=trainer.global_step, tol=DEFAULT_TOL, max_iter=50)
+                    curvature="hessian", dataset_size=size, seed=trainer.global_step,
+                    tol=DEFAULT_TOL, max_iter=50)
             except Exception as exc:
                 self._warnings.warn(f"rule='curvature': fitting the λ(B) law failed ({exc}); "
                                     "keeping the previous factor.")

@@ -127,8 +127,8 @@ def hessian_eigenvalues(
         ``error_bounds``, ``num_products``, ...
 
     Example:
-        >>> torch.manual_seed(0)
-        <torch._C.Generator object at ...>
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> batch = (torch.randn(32, 4), torch.randn(32, 1))
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
@@ -177,6 +177,7 @@ def spectral_density(
         (integrating to ≈1), ``nodes``, ``weights``, ``sigma``.
 
     Example:
+        >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> batch = (torch.randn(32, 4), torch.randn(32, 1))
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])

@@ -31,7 +31,8 @@ A breakdown (a remainder that vanishes: the Krylov space is invariant) is record
 coefficients are read (:meth:`LanczosRecurrence.coefficients`, the only host synchronisation
 for ``b = 1``); the caller decides: stochastic quadrature truncates that chain there, the
 eigensolver continues with a random row orthogonal to the basis
-(:meth:`LanczosRecurrence.truncate_at_breakdown`, :meth:`LanczosRecurrence.continue_after_breakdown`). In a block (``b > 1``) a vanished row is
+(:meth:`LanczosRecurrence.truncate_at_breakdown`,
+:meth:`LanczosRecurrence.continue_after_breakdown`). In a block (``b > 1``) a vanished row is
 replaced at once, because the later rows of the same block depend on it.
 
 The extremal eigensolver (:func:`~lr_batch_callback.engine.lanczos.lanczos`) and stochastic
@@ -126,11 +127,12 @@ class LanczosRecurrence:
         """
         if self.capacity is None or self.chains != 1:
             raise RuntimeError("restart needs one chain and a basis capacity.")
-        l = int(locked.shape[0])
-        if l + self.block > self.capacity:
-            raise ValueError(f"capacity {self.capacity} cannot hold {l} locked rows and a block.")
-        self._basis[0, :l] = locked
-        self.num_locked = l
+        count = int(locked.shape[0])
+        if count + self.block > self.capacity:
+            raise ValueError(f"capacity {self.capacity} cannot hold {count} locked rows and a "
+                             "block.")
+        self._basis[0, :count] = locked
+        self.num_locked = count
         self._next = start.reshape(1, self.block, -1).clone()
         self.steps = self._checked = 0
         for values in (self._diag, self._off, self._norms, self._scale):

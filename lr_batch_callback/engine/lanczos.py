@@ -378,17 +378,17 @@ def lanczos(
 def _ritz(rec: LanczosRecurrence, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ritz values (ascending), vectors in the basis ``[kept; blocks]`` and residual norms."""
     diag, off = rec.coefficients()
-    m, b, l = rec.steps, rec.block, kept.size
-    size = l + m * b
+    m, b, n_kept = rec.steps, rec.block, kept.size
+    size = n_kept + m * b
     T = np.zeros((size, size))
-    T[np.arange(l), np.arange(l)] = kept
-    if l and m:
+    T[np.arange(n_kept), np.arange(n_kept)] = kept
+    if n_kept and m:
         assert rec.coupling is not None
         S = rec.coupling[0].cpu().numpy()
-        T[:l, l : l + b] = S
-        T[l : l + b, :l] = S.T
+        T[:n_kept, n_kept : n_kept + b] = S
+        T[n_kept : n_kept + b, :n_kept] = S.T
     for j in range(m):
-        lo = l + j * b
+        lo = n_kept + j * b
         T[lo : lo + b, lo : lo + b] = diag[0, j]
         if j + 1 < m:
             # T[j, j+1] = X_j A X_{j+1}^T = G_j (lower triangular, see the kernel).

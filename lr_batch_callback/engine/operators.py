@@ -491,6 +491,7 @@ def _select(output: Any, selector: OutputSelector) -> list[Tensor]:
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.requires_grad]
         _check_independent(leaves)
         return leaves
+    chosen: Any
     if callable(selector):
         chosen = selector(output)
     elif isinstance(selector, str):
@@ -513,7 +514,7 @@ def _graph_nodes(tensor: Tensor) -> set[Any]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        stack.extend(parent for parent, _ in node.next_functions)
+        stack.extend(parent for parent, _ in node.next_functions if parent is not None)
     return seen
 
 
