@@ -1,5 +1,8 @@
 """CIFAR-100 with VGG-16 or WideResNet-28-10, as in Granziol, Zohren & Roberts (arXiv 2006.09092).
 
+The networks are ``models.VGG16`` (with or without BatchNorm, 15.3M parameters) and
+``models.WideResNet`` (WRN-28-10: 36.5M parameters; WRN-10-1, for smoke tests: 84k).
+
 SGD with momentum 0.9 and weight decay 5e-4; the learning rate defaults to the paper's value at
 batch size 128 for the chosen network, and ``BatchSizeLRCallback`` scales it linearly for any
 other batch size. The paper's pairs are exactly that rule: (0.05, 128), (0.1, 256), (0.2, 512)
@@ -33,8 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common import (
@@ -45,7 +47,8 @@ from common import (
     make_loggers,
     parse_schedule,
 )
-from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule
+from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule, MonitorConfig
+from models import VGG16, WideResNet
 
 NUM_CLASSES = 100
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100 training set
@@ -55,99 +58,12 @@ PAPER_LR = {("sgd", "vgg16"): 0.05, ("sgd", "vgg16_bn"): 0.1, ("sgd", "wrn"): 0.
             ("adamw", "vgg16"): 4e-4, ("adamw", "vgg16_bn"): 4e-4, ("adamw", "wrn"): 4e-4}
 
 
-# ------------------------------------------------------------------------------------------
-# Networks
-# ------------------------------------------------------------------------------------------
-
-
-class WideBasicBlock(nn.Module):
-    """Pre-activation block BN-ReLU-conv3×3-BN-ReLU-(dropout)-conv3×3 with an identity (or a
-    1×1 projection) shortcut, as in Zagoruyko & Komodakis, *Wide Residual Networks* (2016)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.shortcut = (
-            None if stride == 1 and in_planes == planes
-            else nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        # A projection shortcut sees the pre-activated input, as in the reference code.
-        residual = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + residual
-
-
-class WideResNet(nn.Module):
-    """WRN-depth-width for 32×32 images: three groups of (depth − 4)/6 blocks of widths
-    16·width, 32·width and 64·width (strides 1, 2, 2), then BN-ReLU, global pooling and a linear
-    layer. WRN-28-10 has 36.5M parameters; WRN-10-1 (for smoke tests) has 84k."""
-
-    def __init__(self, depth: int = 28, width: int = 10, num_classes: int = NUM_CLASSES,
-                 dropout: float = 0.0) -> None:
-        super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), "
-                             f"got {depth}.")
-        blocks = (depth - 4) // 6
-        widths = [16, 16 * width, 32 * width, 64 * width]
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False)]
-        for group, stride in zip(range(3), (1, 2, 2), strict=True):
-            for i in range(blocks):
-                in_planes = widths[group] if i == 0 else widths[group + 1]
-                layers.append(WideBasicBlock(in_planes, widths[group + 1],
-                                             stride if i == 0 else 1, dropout))
-        layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True),
-                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[3], num_classes)]
-        self.net = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-def vgg16_cifar(batch_norm: bool, num_classes: int = NUM_CLASSES) -> nn.Module:
-    """torchvision's VGG-16 (``vgg16_bn`` or ``vgg16``), adapted to 32×32 inputs.
-
-    After five max-pools a 32×32 image is 512×1×1: the 7×7 adaptive pooling and the
-    25088→4096→4096 classifier meant for 224×224 ImageNet images are replaced by the usual
-    CIFAR head 512→512→512→classes with dropout.
-    """
-    from torchvision.models import vgg16, vgg16_bn
-
-    model = (vgg16_bn if batch_norm else vgg16)(weights=None, num_classes=num_classes)
-    model.avgpool = nn.Identity()  # type: ignore[assignment]
-    model.classifier = nn.Sequential(  # type: ignore[assignment]
-        nn.Dropout(), nn.Linear(512, 512), nn.ReLU(inplace=True),
-        nn.Dropout(), nn.Linear(512, 512), nn.ReLU(inplace=True),
-        nn.Linear(512, num_classes),
-    )
-    for m in model.classifier.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-    return model
-
-
 def build_network(name: str, depth: int, width: int, dropout: float) -> nn.Module:
+    """``models.WideResNet`` (WRN-28-10: 36.5M parameters) or ``models.VGG16`` (15.3M)."""
     if name == "wrn":
-        return WideResNet(depth, width, dropout=dropout)
+        return WideResNet(depth, width, NUM_CLASSES, dropout=dropout)
     if name in ("vgg16", "vgg16_bn"):
-        return vgg16_cifar(batch_norm=name == "vgg16_bn")
+        return VGG16(batch_norm=name == "vgg16_bn", num_classes=NUM_CLASSES)
     raise ValueError(f"Unknown model {name!r}; choose vgg16, vgg16_bn or wrn.")
 
 
@@ -313,11 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     datamodule = CIFAR100DataModule(args.data_dir, args.batch_size, args.fake_data,
                                     args.fake_size, args.num_workers)
     model = CIFARClassifier(network, args.optimizer, lr, args.weight_decay, args.epochs)
-    lr_callback = BatchSizeLRCallback(rule=args.rule,
-                                      reference_batch_size=args.reference_batch_size,
-                                      monitor_every_n_steps=args.monitor_every,
-                                      max_overhead=args.max_overhead or None,
-                                      curvature=args.curvature)
+    lr_callback = BatchSizeLRCallback(
+        rule=args.rule,
+        reference_batch_size=args.reference_batch_size,
+        monitor_every_n_steps=args.monitor_every,
+        monitor=MonitorConfig(curvature=args.curvature, max_overhead=args.max_overhead or None),
+    )
     callbacks: list[Any] = [lr_callback]
     if schedule is not None:
         callbacks.insert(0, BatchSizeSchedule(schedule))

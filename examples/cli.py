@@ -1,8 +1,11 @@
 """LightningCLI: the callbacks come from a YAML config, not from code.
 
 ``examples/cli_config.yaml`` adds ``BatchSizeSchedule`` and ``BatchSizeLRCallback`` under
-``trainer.callbacks`` with ``class_path`` and ``init_args``; the model and the data are the
-digits classifier of ``examples/common.py``. Every option can be overridden on the command line.
+``trainer.callbacks`` with ``class_path`` and ``init_args``; the callback's ``monitor:`` (a
+``MonitorConfig``) is written as a mapping of its fields, which jsonargparse turns into the
+dataclass. The model and the data are the digits classifier of ``examples/common.py`` (the
+151k-parameter ``models.SmallCNN`` by default). Every option can be overridden on the command
+line.
 
 Run it (needs ``jsonargparse[signatures]``, in the ``examples`` extra)::
 

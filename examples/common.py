@@ -1,11 +1,11 @@
-"""Shared pieces of the examples: the digits data, two small networks, a LightningModule.
+"""Shared pieces of the examples: the digits data, the LightningModules, small helpers.
 
 Nothing here downloads anything. The data is scikit-learn's bundled ``digits`` set (1,797
 grey-scale 8×8 images of the digits 0-9), or a synthetic stand-in of the same shape when
 scikit-learn is missing or ``dataset="synthetic"`` is asked for.
 
-Not meant to be run; the example scripts import it (``python examples/<name>.py`` puts this
-folder on ``sys.path``).
+The networks are in ``models.py``. Not meant to be run; the example scripts import it
+(``python examples/<name>.py`` puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import math
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -25,10 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+# Loaded by file path (benchmarks/callback_overhead.py does that), this folder may not be on
+# sys.path yet; models.py lives next to this file.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from models import DIGITS_MODELS, digits_model  # noqa: E402
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 DATASETS = ("digits", "synthetic")
-MODELS = ("cnn", "mlp")
+MODELS = DIGITS_MODELS
 OPTIMIZERS = ("sgd", "adam")
 #: Learning rates tuned for a batch of ``REFERENCE_BATCH_SIZE`` samples.
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
@@ -128,42 +135,8 @@ class DigitsDataModule(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------------
-# Models
+# Optimizers and the LightningModules
 # ------------------------------------------------------------------------------------------
-
-
-class SmallCNN(nn.Module):
-    """Two 3×3 convolutions, a 2×2 max-pool and two linear layers (151k parameters on 8×8)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, channels: int = 1) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
-
-
-def mlp(num_classes: int = NUM_CLASSES, hidden: int = 128) -> nn.Module:
-    """A two-hidden-layer perceptron on the flattened 8×8 image (26k parameters)."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(math.prod(IMAGE_SHAPE), hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
-    )
-
-
-def build_model(name: str) -> nn.Module:
-    if name == "cnn":
-        return SmallCNN()
-    if name == "mlp":
-        return mlp()
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}.")
 
 
 def build_optimizer(name: str, params: Any, lr: float, momentum: float = 0.9
@@ -211,7 +184,8 @@ class DigitsClassifier(Classifier):
     """Cross-entropy classification of the digits with a small CNN or MLP.
 
     Args:
-        model: ``"cnn"`` or ``"mlp"``.
+        model: ``"cnn"`` (``models.SmallCNN``, 151k parameters) or ``"mlp"``
+            (``models.DigitsMLP``, 26k).
         optimizer: ``"sgd"`` (with momentum) or ``"adam"``.
         lr: learning rate at the reference batch size (32); default 0.01 for SGD, 1e-3 for Adam.
         momentum: SGD momentum.
@@ -223,7 +197,7 @@ class DigitsClassifier(Classifier):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
         self.save_hyperparameters()
-        self.net = build_model(model)
+        self.net = digits_model(model)
         self.optimizer_name = optimizer
         self.lr = DEFAULT_LR[optimizer] if lr is None else lr
         self.momentum = momentum

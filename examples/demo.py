@@ -1,6 +1,7 @@
 """Demo: grow the batch size during training; the learning rate follows, the Hessian is watched.
 
-A small CNN learns scikit-learn's bundled 8×8 digits (no download) while ``BatchSizeSchedule``
+The 151k-parameter ``SmallCNN`` of ``models.py`` learns scikit-learn's bundled 8×8 digits (no
+download) while ``BatchSizeSchedule``
 raises the batch size 32 → 128 → 512 and ``BatchSizeLRCallback`` rescales the learning rate
 at each change (linear rule for SGD, square root for Adam) and measures the top eigenvalue of
 the batch Hessian every few steps, with its spectral density now and then.
@@ -56,8 +57,13 @@ from common import (
     parse_schedule,
     read_metrics_csv,
 )
-from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule, load_spectra
-from lr_batch_callback.reporting import density_from_record
+from lr_batch_callback import (
+    BatchSizeLRCallback,
+    BatchSizeSchedule,
+    MonitorConfig,
+    SpectrumRecord,
+    load_spectra,
+)
 
 matplotlib.use("Agg")  # files only: works without a display
 
@@ -72,10 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="digits",
-                        help="scikit-learn's bundled digits, or synthetic 8×8 images "
-                             "")
+                        help="scikit-learn's bundled digits, or synthetic 8×8 images")
     parser.add_argument("--model", choices=MODELS, default="cnn",
-                        help="small CNN (151k parameters) or MLP")
+                        help="SmallCNN (151k parameters) or DigitsMLP (26k)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                         help=f"SGD with momentum {MOMENTUM}, or Adam")
     parser.add_argument("--lr", type=float, default=None,
@@ -98,8 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--fast)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch; the tensors are tiny, so one thread is about "
-                             "as fast as several and does not fight other processes for cores "
-                             "")
+                             "as fast as several and does not fight other processes for cores")
     parser.add_argument("--fast", action="store_true",
                         help="smoke run: 2 epochs of 4 steps each (for the tests)")
     args = parser.parse_args(argv)
@@ -130,9 +134,9 @@ class EpochSummary(Callback):
         })
 
 
-def print_table(rows: list[dict[str, Any]], spectra: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], spectra: list[SpectrumRecord]) -> None:
     """Epoch table; λ_max is the last measurement of the epoch (— when there was none)."""
-    last_lambda = {r["epoch"]: r["lambda_max"] for r in spectra}  # sorted by step: last wins
+    last_lambda = {r.epoch: r.lambda_max for r in spectra}  # sorted by step: last wins
     print(f"\n{'epoch':>5}  {'batch size':>10}  {'LR factor':>9}  {'eff. LR':>8}  "
           f"{'λ_max':>8}  {'test acc':>8}")
     for row in rows:
@@ -142,7 +146,7 @@ def print_table(rows: list[dict[str, Any]], spectra: list[dict[str, Any]]) -> No
               f"{row['lr']:>8.4g}  {lam_text}  {row['test_acc']:>8.1%}")
 
 
-def plot_run(path: Path, spectra: list[dict[str, Any]], metrics: list[dict[str, float]],
+def plot_run(path: Path, spectra: list[SpectrumRecord], metrics: list[dict[str, float]],
              title: str, optimizer: str) -> None:
     """λ_max and the effective LR over steps (batch-size changes marked), and a few densities."""
     import matplotlib.pyplot as plt
@@ -158,17 +162,18 @@ def plot_run(path: Path, spectra: list[dict[str, Any]], metrics: list[dict[str, 
     plt.close(fig)
 
 
-def plot_lambda_and_lr(ax_lam: Any, ax_lr: Any, spectra: list[dict[str, Any]],
+def plot_lambda_and_lr(ax_lam: Any, ax_lr: Any, spectra: list[SpectrumRecord],
                        metrics: list[dict[str, float]], optimizer: str) -> None:
-    # The LR callback logs the factor and the effective LR (lr × factor) whenever they change.
+    # The LR callback logs the factor, the batch size and the effective LR (lr × factor) in one
+    # row whenever they change (and the effective LR alone on every logging step).
     changes = [(int(m["step"]), m["lr_batch/lr_pg0"], int(m["lr_batch/effective_batch_size"]))
-               for m in metrics if "lr_batch/lr_pg0" in m]
-    last_step = max([int(m["step"]) for m in metrics if "step" in m] + [r["step"] for r in spectra])
+               for m in metrics if "lr_batch/factor" in m]
+    last_step = max([int(m["step"]) for m in metrics if "step" in m] + [r.step for r in spectra])
     lr_steps = [step for step, _, _ in changes] + [last_step]
     lr_values = [lr for _, lr, _ in changes] + [changes[-1][1]]
 
-    lambdas = [r["lambda_max"] for r in spectra]
-    ax_lam.plot([r["step"] for r in spectra], lambdas, "o-", ms=4, color="C0",
+    lambdas = [r.lambda_max for r in spectra]
+    ax_lam.plot([r.step for r in spectra], lambdas, "o-", ms=4, color="C0",
                 label="λ_max of the batch Hessian")
     if optimizer == "sgd":
         limit = [2 * (1 + MOMENTUM) / lr for lr in lr_values]
@@ -202,19 +207,16 @@ def plot_lambda_and_lr(ax_lam: Any, ax_lr: Any, spectra: list[dict[str, Any]],
     ax_lr.grid(alpha=0.3, which="both")
 
 
-def plot_densities(ax: Any, spectra: list[dict[str, Any]]) -> None:
+def plot_densities(ax: Any, spectra: list[SpectrumRecord]) -> None:
     """One density per batch size: the last one measured at that size."""
-    latest: dict[int, dict[str, Any]] = {}
-    for record in spectra:
-        if record.get("density"):
-            latest[record["effective_batch_size"]] = record
+    latest = {r.effective_batch_size: r for r in spectra if r.density is not None}
     peak = 0.0
     for record in latest.values():
-        curve = density_from_record(record)
+        curve = record.density_curve()
         assert curve is not None
         grid, density = curve[0].numpy(), curve[1].numpy()
         peak = max(peak, float(density.max()))
-        ax.plot(grid, density, label=f"B={record['effective_batch_size']}, step {record['step']}")
+        ax.plot(grid, density, label=f"B={record.effective_batch_size}, step {record.step}")
     if latest:
         ax.set_yscale("log")
         ax.set_ylim(peak * 1e-7, peak * 3)  # the outliers are ~1e-5 of the bulk at 0
@@ -246,13 +248,15 @@ def main(argv: list[str] | None = None) -> None:
         rule=args.rule,
         reference_batch_size=REFERENCE_BATCH_SIZE,  # the batch size the default LRs were tuned for
         monitor_every_n_steps=args.monitor_every,
-        smallest=False,  # λ_max only: half the cost
-        density_every=3,  # a spectral density every third measurement
-        density_probes=4,
-        density_steps=20,
-        # On 8×8 images a measurement costs more than the training steps between two of them,
-        # and measuring is the point here: no cap on the measurement overhead.
-        max_overhead=None,
+        monitor=MonitorConfig(
+            lambda_min_every=0,  # λ_max only: λ_min costs several times more
+            density_every=3,  # a spectral density every third measurement
+            density_probes=4,
+            density_steps=20,
+            # On 8×8 images a measurement costs more than the training steps between two of
+            # them, and measuring is the point here: no cap on the measurement overhead.
+            max_overhead=None,
+        ),
     )
     summary = EpochSummary(lr_callback)
 

@@ -1,10 +1,11 @@
 """Plain PyTorch, no Lightning: ``LRScaler`` across batch-size changes, ``hessian_eigenvalues``
 for the largest stable learning rate.
 
-A small network is trained on the digits in phases of growing batch size (32 → 128 → 512 by
-default). At each change ``scaling_factor`` gives the LR factor (linear rule for SGD) and
-``LRScaler`` applies it at step time: ``optimizer.param_groups[i]["lr"]`` keeps the reference
-value (so schedulers and checkpoints are untouched) while every step uses ``lr × factor``.
+The 151k-parameter ``SmallCNN`` of ``models.py`` (or ``DigitsMLP``) is trained on the digits in
+phases of growing batch size (32 → 128 → 512 by default). At each change ``scaling_factor``
+gives the LR factor (linear rule for SGD) and ``LRScaler`` applies it at step time:
+``optimizer.param_groups[i]["lr"]`` keeps the reference value (so schedulers and checkpoints are
+untouched) while every step uses ``lr × factor``.
 
 After each phase the top eigenvalue λ_max of the Hessian on a training batch gives the largest
 learning rate heavy-ball SGD is stable with on the local quadratic, ``2(1+μ)/λ_max`` (μ the
@@ -27,15 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from common import (
-    DATASETS,
-    MODELS,
-    REFERENCE_BATCH_SIZE,
-    DigitsDataModule,
-    HelpFormatter,
-    build_model,
-)
+from common import DATASETS, MODELS, REFERENCE_BATCH_SIZE, DigitsDataModule, HelpFormatter
 from lr_batch_callback import LRScaler, hessian_eigenvalues, scaling_factor
+from models import digits_model
 
 
 def loss_fn(model: nn.Module, batch: Any) -> Tensor:
@@ -57,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="digits",
                         help="scikit-learn's bundled digits, or synthetic 8×8 images")
-    parser.add_argument("--model", choices=MODELS, default="cnn", help="small CNN or MLP")
+    parser.add_argument("--model", choices=MODELS, default="cnn",
+                        help="SmallCNN (151k parameters) or DigitsMLP (26k)")
     parser.add_argument("--batch-sizes", default="32,128,512", help="one training phase each")
     parser.add_argument("--epochs-per-phase", type=int, default=2, help="epochs per batch size")
     parser.add_argument("--lr", type=float, default=0.01,
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     data.setup("fit")  # a LightningDataModule is plain Python: used here for its loaders only
     test_loader = data.test_dataloader()
 
-    model = build_model(args.model)
+    model = digits_model(args.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     scaler = LRScaler(optimizer)  # factor 1 until the batch size changes
 

@@ -67,6 +67,9 @@ class BatchSizeLRCallback(Callback):
         super().__init__()
         check_integer(monitor_every_n_steps, "monitor_every_n_steps", allow_none=True,
                       hint="None turns monitoring off")
+        if monitor is not None and not isinstance(monitor, MonitorConfig):
+            raise TypeError(f"monitor must be a MonitorConfig (or None for the defaults), got "
+                            f"{monitor!r}.")
         self.scaling = BatchSizeLRScaling(rule, reference_batch_size, batch_size_attr,
                                           batch_size_fn, loss_fn, law, verbose)
         self.monitor = SpectrumMonitor(monitor_every_n_steps, monitor,

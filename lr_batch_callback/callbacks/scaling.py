@@ -289,7 +289,7 @@ class BatchSizeLRScaling(Callback):
             "lr_batch/effective_batch_size": float(self.effective_batch_size or math.nan),
             "lr_batch/reference_batch_size": float(self.reference_batch_size or math.nan),
         }
-        if self._scalers:  # attached: the LRs the next step will use
+        if self._scalers and self.factors:  # attached and active: the LRs the next step uses
             self._effective_lrs = [[float(lr) for lr in sc.effective_lrs()] for sc in self._scalers]
         for i, (factor, lrs) in enumerate(zip(self.factors, self._effective_lrs, strict=True)):
             opt = "" if i == 0 else f"_opt{i}"
@@ -306,8 +306,9 @@ class BatchSizeLRScaling(Callback):
             for i, scaler in enumerate(self._scalers):
                 opt = "" if i == 0 else f"_opt{i}"
                 for j, lr in enumerate(scaler.effective_lrs()):
-                    pl_module.log(f"lr_batch/lr{opt}_pg{j}", lr, on_step=True, on_epoch=False,
-                                  prog_bar=False)
+                    # A float64 tensor: a Python float would be logged rounded to float32.
+                    pl_module.log(f"lr_batch/lr{opt}_pg{j}", torch.tensor(lr, dtype=torch.float64),
+                                  on_step=True, on_epoch=False, prog_bar=False)
             pl_module.log("lr_factor", self.factors[0], on_step=True, on_epoch=False,
                           prog_bar=True, logger=False)
         except Exception:  # a loop without logging support: nothing to show
