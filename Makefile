@@ -23,9 +23,12 @@ install-test: $(PY)
 demo: install-examples
 	$(PY) examples/demo.py $(ARGS)
 
+# The quality gates first (lint, types), then the tests and the package's doctests.
 # pytest exits 5 when it collected no test: treat that as a failure, like any other non-zero code.
 test: install-test
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m ruff check lr_batch_callback tests examples benchmarks
+	$(PY) -m mypy lr_batch_callback
+	$(PY) -m pytest -q --doctest-modules lr_batch_callback tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(PY)
@@ -34,8 +37,8 @@ bench: $(PY)
 	$(PY) benchmarks/run.py $(ARGS)
 
 lint: install-test
-	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check lr_batch_callback tests examples benchmarks
+	$(PY) -m mypy lr_batch_callback
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

@@ -53,7 +53,7 @@ from models import VGG16, WideResNet
 NUM_CLASSES = 100
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)  # CIFAR-100 training set
 PAPER_BATCH_SIZE = 128
-#: The paper's learning rates at batch size 128 (DESIGN §1).
+#: The paper's learning rates at batch size 128 (Granziol et al. 2022, their experiments section).
 PAPER_LR = {("sgd", "vgg16"): 0.05, ("sgd", "vgg16_bn"): 0.1, ("sgd", "wrn"): 0.1,
             ("adamw", "vgg16"): 4e-4, ("adamw", "vgg16_bn"): 4e-4, ("adamw", "wrn"): 4e-4}
 

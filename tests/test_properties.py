@@ -125,7 +125,7 @@ def test_lr_factor_composes_along_a_chain_of_batch_sizes(a, b, c, law) -> None:
 @given(old=batch_sizes, new=batch_sizes, law=laws(finite_population=False))
 def test_curvature_rule_lies_between_no_scaling_and_the_fixed_rule(old, new, law) -> None:
     # λ(B) = a + c/B with a > 0, c ≥ 0: growing the batch never scales the LR by more than the
-    # linear (√ for Adam) rule nor by less than 1 — the saturation of DESIGN §1. (With a finite
+    # linear (√ for Adam) rule nor by less than 1 — the saturation past the critical batch size. (With a finite
     # data set the −c/N term can push the ratio past linear as B nears N: a=0.25, c=1, N=2 gives
     # λ(1)/λ(2) = 3 for a doubling; that is the law's own prediction, not tested as a bound.)
     lo, hi = sorted((old, new))

@@ -268,7 +268,7 @@ def test_resolve_rule_rejects_unknown() -> None:
 
 
 class _Law:
-    """λ(B) = a + c (1/B − 1/N), the law of DESIGN.md §1."""
+    """λ(B) = a + c (1/B − 1/N), the batch-size law of Granziol et al. (arXiv 2006.09092)."""
 
     def __init__(self, a: float, c: float, n: float) -> None:
         self.a, self.c, self.n = a, c, n

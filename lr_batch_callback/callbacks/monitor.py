@@ -274,6 +274,14 @@ class SpectrumMonitor(Callback):
                                      context=self._context(trainer, record))
         self.last = record
         self._show(pl_module, record)
+        ratio = record.context.stability
+        if ratio is not None and ratio > 1.0:
+            self._warnings.warn(
+                f"Step {record.step}: LR × sharpness is {ratio:.2f} times the stability threshold "
+                "(logged as '<curvature>/stability'): on the local quadratic this learning rate "
+                "diverges. Expect loss spikes; lower the LR or the batch-size factor if they "
+                "appear. (Said once per run.)"
+            )
         if trainer.is_global_zero:
             log_metrics(trainer.loggers, {**record.metrics(self.config.k),
                                           f"{self.config.curvature}/skipped": float(self.skipped)},

@@ -1,7 +1,7 @@
 """Twice-differentiable paths for operations whose fast kernels have no (or a wrong) double backward.
 
 Curvature products differentiate the backward pass, so every operation in the loss needs a
-correct double backward. Measured on torch 2.14.1 (DESIGN §2), several common ones do not:
+correct double backward. Measured on torch 2.14.1, several common ones do not:
 
 - ``scaled_dot_product_attention``'s fused kernels (CPU flash; CUDA flash and memory-efficient),
   used by ``nn.MultiheadAttention``, ``nn.TransformerEncoder`` and torchvision's ViT: no double

@@ -53,6 +53,14 @@ from torch import Tensor
 from lr_batch_callback._checks import check_bool, check_choice, check_integer, check_positive_float
 from lr_batch_callback.engine.krylov import LanczosRecurrence, random_rows
 from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
+from lr_batch_callback.engine.ritz import (
+    complete,
+    error_bounds,
+    ritz,
+    thick_restart,
+    tridiagonal_eigh,
+    wanted_indices,
+)
 
 __all__ = [
     "DEFAULT_TOL",
@@ -72,10 +80,7 @@ DEFAULT_TOL = 1e-3
 FLOOR = 1e-3  # fraction of the spectral radius below which tolerances become absolute
 _BASIS_BYTES = 64 * 2**20  # default basis budget: small models keep every vector
 _SYMMETRY = 10.0  # × sqrt(eps): an asymmetry above this is no rounding error
-# An eigenvalue next to a neighbour no Ritz value has resolved yet can be off by up to its
-# residual: the bound never claims less than residual / 5 (measured on built spectra with
-# clusters and pairs: never above 5x the tolerance; residual/10 let 4-clusters reach 13x).
-_UNRESOLVED = 5.0
+
 
 
 @dataclass(frozen=True)
@@ -139,50 +144,6 @@ def default_max_iter(dim: int, k: int, block_size: int = 1) -> int:
     """Default product cap: ``max(100, 10k)`` steps' worth of blocks (enough for hard spectra,
     never the 2k-step trap), and never more than ``dim`` products."""
     return min(dim, max(100, 10 * k) * block_size)
-
-
-def tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of the symmetric tridiagonal (diagonal ``alpha``, off-diagonal ``beta``),
-    ascending, in float64 with NumPy's LAPACK (torch's CPU ``eigh`` on small matrices can spend
-    milliseconds to seconds starting threads on a busy machine)."""
-    m = len(alpha)
-    T = np.diag(np.asarray(alpha, dtype=np.float64))
-    if m > 1:
-        off = np.asarray(beta[: m - 1], dtype=np.float64)
-        T += np.diag(off, 1) + np.diag(off, -1)
-    theta, s = np.linalg.eigh(T)
-    return torch.from_numpy(theta), torch.from_numpy(s)
-
-
-def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: list[int]) -> np.ndarray:
-    r"""Eigenvalue error bounds of the Ritz values ``theta[indices]`` (see the module docstring):
-    :math:`\max(\min(r_i, r_i^2/\delta_i),\ r_i/5)`, with :math:`\delta_i` trusted only when it
-    exceeds :math:`r_i`.
-
-    Example:
-        >>> theta = np.array([0.0, 1.0, 2.0]); r = np.array([0.5, 0.1, 1e-3])
-        >>> error_bounds(theta, r, [2])  # gap 2 - 1 - 0.1 = 0.9: r²/gap = 1.1e-6 < r/5
-        array([0.0002])
-    """
-    out = np.empty(len(indices))
-    for n, i in enumerate(indices):
-        others = np.delete(np.arange(theta.size), i)
-        # No other Ritz value: nothing is known of the gap, only the residual bound holds.
-        gap = float(np.min(np.abs(theta[i] - theta[others]) - residuals[others])) if others.size \
-            else 0.0
-        r = float(residuals[i])
-        quadratic = min(r, r * r / gap) if gap > r else r
-        out[n] = max(quadratic, r / _UNRESOLVED)
-    return out
-
-
-def _wanted(n: int, k: int, which: str) -> list[int]:
-    """Indices into ascending Ritz values for the wanted end(s), largest value first."""
-    top = set(range(max(n - k, 0), n))
-    bottom = set(range(min(k, n)))
-    chosen = top if which == "largest" else bottom if which == "smallest" else top | bottom
-    return sorted(chosen, reverse=True)
-
 
 def _validate(k: int, which: str, tol: float, max_iter: int | None, dim: int) -> int:
     check_integer(k, "k")
@@ -304,12 +265,12 @@ def lanczos(
                 rec.continue_after_breakdown()
                 continue
         exhausted = exhausted or (capacity is not None and rec.num_locked + rec.steps * b >= dim)
-        theta, Y, residual = _ritz(rec, kept)
+        theta, Y, residual = ritz(rec, kept)
         scale = float(np.abs(theta).max()) if theta.size else 0.0
         asymmetry = max(asymmetry, rec.asymmetry / max(scale, 1e-300))
         if asymmetry > symmetry_tol:
             break
-        idx = _wanted(theta.size, k, which)
+        idx = wanted_indices(theta.size, k, which)
         # Eigenvectors asked for: their residuals must meet the tolerance too (an eigenvector's
         # error is its residual over the gap, not the residual squared).
         bounds = residual[idx] if return_eigenvectors else error_bounds(theta, residual, idx)
@@ -321,7 +282,7 @@ def lanczos(
         if capacity is not None and dim < rows + b:
             # A whole block no longer fits: finish with the exact complement instead.
             if products + dim - rows <= cap:
-                theta, Y, residual, complement = _complete(rec, kept, generator)
+                theta, Y, residual, complement = complete(rec, kept, generator)
                 converged = exhausted = True
             break
         if products + b > cap:
@@ -329,13 +290,13 @@ def lanczos(
         if rec.full:
             assert capacity is not None
             steps_before += rec.steps
-            kept = _thick_restart(rec, theta, Y, k, which, capacity)
+            kept = thick_restart(rec, theta, Y, k, which, capacity)
             products_before += rec.num_products
             rec.num_products = 0
             restarts += 1
 
     products = products_before + rec.num_products + (0 if complement is None else len(complement))
-    idx = _wanted(theta.size, k, which)
+    idx = wanted_indices(theta.size, k, which)
     bounds = error_bounds(theta, residual, idx) if not exhausted else np.zeros(len(idx))
     if asymmetry > symmetry_tol:
         converged = False
@@ -373,71 +334,3 @@ def lanczos(
         asymmetry=asymmetry,
         restarts=restarts,
     )
-
-
-def _ritz(rec: LanczosRecurrence, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ritz values (ascending), vectors in the basis ``[kept; blocks]`` and residual norms."""
-    diag, off = rec.coefficients()
-    m, b, n_kept = rec.steps, rec.block, kept.size
-    size = n_kept + m * b
-    T = np.zeros((size, size))
-    T[np.arange(n_kept), np.arange(n_kept)] = kept
-    if n_kept and m:
-        assert rec.coupling is not None
-        S = rec.coupling[0].cpu().numpy()
-        T[:n_kept, n_kept : n_kept + b] = S
-        T[n_kept : n_kept + b, :n_kept] = S.T
-    for j in range(m):
-        lo = n_kept + j * b
-        T[lo : lo + b, lo : lo + b] = diag[0, j]
-        if j + 1 < m:
-            # T[j, j+1] = X_j A X_{j+1}^T = G_j (lower triangular, see the kernel).
-            T[lo : lo + b, lo + b : lo + 2 * b] = off[0, j]
-            T[lo + b : lo + 2 * b, lo : lo + b] = off[0, j].T
-    theta, Y = np.linalg.eigh(T)
-    last = Y[size - b :, :] if m else np.zeros((b, size))
-    residual = np.linalg.norm(off[0, m - 1].T @ last, axis=0) if m else np.zeros(size)
-    return theta, Y, residual
-
-
-def _complete(rec: LanczosRecurrence, kept: np.ndarray, generator: torch.Generator
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
-    """Exact eigenpairs once the basis lacks fewer than a block of dimensions: the projection
-    on the basis ``V`` and its orthonormal complement ``C`` (``r < b`` rows, ``r`` products).
-
-    ``V A Vᵀ = T`` is known; with ``W = C A`` (symmetric ``A``), ``C A Vᵀ = W Vᵀ`` and
-    ``C A Cᵀ = W Cᵀ``.
-    """
-    V = rec.rows(0)
-    r = rec.operator.dim - V.shape[0]
-    C = random_rows(r, rec.operator.dim, generator, V)
-    for _ in range(2):
-        C = C - (C @ V.T) @ V
-    C = torch.linalg.qr(C.T.to(torch.float64))[0].T.to(V)
-    W = rec.operator.matmat(C)
-    theta_T, Y_T, _ = _ritz(rec, kept)
-    T = (Y_T * theta_T) @ Y_T.T
-    cross = (W @ V.T).to(torch.float64).cpu().numpy()
-    corner = (W @ C.T).to(torch.float64).cpu().numpy()
-    full = np.block([[T, cross.T], [cross, (corner + corner.T) / 2]])
-    theta, Y = np.linalg.eigh(full)
-    return theta, Y, np.zeros_like(theta), C
-
-
-def _thick_restart(rec: LanczosRecurrence, theta: np.ndarray, Y: np.ndarray, k: int, which: str,
-                   capacity: int) -> np.ndarray:
-    """Keep the wanted Ritz vectors and their neighbours; continue from the residual block."""
-    b = rec.block
-    size = theta.size
-    keep_count = min(capacity - b, max(2 * k + b if which == "both" else k + b, capacity // 2))
-    if which == "largest":
-        keep = list(range(size - keep_count, size))
-    elif which == "smallest":
-        keep = list(range(keep_count))
-    else:
-        top = (keep_count + 1) // 2
-        keep = sorted(set(range(keep_count - top)) | set(range(size - top, size)))
-    coeffs = torch.from_numpy(np.ascontiguousarray(Y[:, keep])).to(rec.rows(0))
-    locked = coeffs.T @ rec.rows(0)
-    rec.restart(locked, rec.next_block()[0])
-    return theta[keep].copy()

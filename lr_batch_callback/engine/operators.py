@@ -1,9 +1,4 @@
-r"""Symmetric linear operators on flat parameter vectors: the input of every algorithm here.
-
-:class:`CurvatureOperator` is the interface the eigensolver and the spectral density take: ``dim``,
-``dtype``, ``device`` and products with the rows of a matrix (``matmat``). Wrap any symmetric
-map with :meth:`CurvatureOperator.from_matrix` or :meth:`CurvatureOperator.from_function`, or
-subclass it and implement :meth:`CurvatureOperator.local_matmat`.
+r"""The curvature of a model's loss on fixed batches, as a :class:`CurvatureOperator`.
 
 Two operators are built from a model, a loss and fixed batches, over the chosen parameters
 :math:`\theta` (:math:`P` entries in all):
@@ -40,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from lr_batch_callback._checks import check_choice, check_integer
 from lr_batch_callback.engine.batching import BatchSizeFn, batch_size_of, split_batch
@@ -50,6 +44,12 @@ from lr_batch_callback.engine.differentiable import (
     twice_differentiable,
 )
 from lr_batch_callback.engine.isolation import autocast_off, isolated
+from lr_batch_callback.engine.linear_operator import (
+    CurvatureOperator,
+    NonFiniteCurvatureError,
+    fresh_seed,
+)
+from lr_batch_callback.engine.outputs import OutputSelector, select_output
 
 __all__ = [
     "CURVATURES",
@@ -64,136 +64,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-#: Which part of a model's return value is the output :math:`f` of the GGN: an index, a key or
-#: attribute name, or a function of the return value.
-OutputSelector = int | str | Callable[[Any], Tensor] | None
 CURVATURES = ("hessian", "ggn")
-
-
-class NonFiniteCurvatureError(FloatingPointError):
-    """A loss or a curvature product was NaN or infinite."""
-
-
-def _distributed_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    return 1
-
-
-class CurvatureOperator:
-    """A symmetric linear operator on flat vectors of length :attr:`dim`.
-
-    Vectors are rows: :meth:`matmat` takes ``V`` of shape ``(k, dim)`` and returns the ``k``
-    products as rows. Subclasses implement :meth:`local_matmat`; the base class checks shapes,
-    counts products and, with ``distributed=True``, sums the local products over the ranks of the
-    default process group (each rank's products being already weighted by its share).
-
-    Args:
-        dim: the number of entries of a vector (parameters).
-        dtype: the dtype products are computed in.
-        device: where vectors live.
-        distributed: sum products over ranks (only when a process group is initialised).
-
-    Attributes:
-        num_products: products computed so far (a ``matmat`` of ``k`` rows counts ``k``).
-
-    Example:
-        >>> A = torch.diag(torch.tensor([3.0, 1.0]))
-        >>> op = CurvatureOperator.from_matrix(A)
-        >>> op @ torch.tensor([1.0, 1.0])
-        tensor([3., 1.])
-    """
-
-    def __init__(self, dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", distributed: bool = False) -> None:
-        self.dim = check_integer(dim, "dim")
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.num_products = 0
-        self.distributed = bool(distributed) and _distributed_world() > 1
-
-    # -- constructors ---------------------------------------------------------------------------
-    @classmethod
-    def from_matrix(cls, matrix: Tensor) -> CurvatureOperator:
-        """The operator of a dense symmetric ``(P, P)`` matrix (its symmetry is not checked)."""
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}.")
-        return cls.from_function(lambda V: V @ matrix, matrix.shape[0], dtype=matrix.dtype,
-                                 device=matrix.device)
-
-    @classmethod
-    def from_function(cls, matmat: Callable[[Tensor], Tensor], dim: int, *,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-                      ) -> CurvatureOperator:
-        """The operator whose products with the rows of ``V`` are ``matmat(V)`` (rows too)."""
-        if not callable(matmat):
-            raise TypeError(f"matmat must be callable V -> products, got {matmat!r}.")
-        op = _FunctionOperator(dim, dtype=dtype, device=device)
-        op._function = matmat
-        return op
-
-    # -- to be provided -------------------------------------------------------------------------
-    def local_matmat(self, V: Tensor) -> Tensor:
-        """Products with the rows of ``V`` on this process (implemented by subclasses)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement local_matmat(V).")
-
-    # -- public ---------------------------------------------------------------------------------
-    def matvec(self, v: Tensor) -> Tensor:
-        """The product with one flat vector ``v`` of length :attr:`dim`."""
-        return self.matmat(v.reshape(1, -1)).reshape(-1)
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """Products with the rows of ``V`` (shape ``(k, dim)``), returned as rows."""
-        if V.dim() != 2 or V.shape[1] != self.dim:
-            raise ValueError(f"Expected vectors of shape (k, {self.dim}), got {tuple(V.shape)}.")
-        V = V.to(device=self.device, dtype=self.dtype)
-        if not self.distributed:
-            out = self.local_matmat(V)
-        else:
-            error: Exception | None = None
-            try:
-                out = self.local_matmat(V)
-            except Exception as exc:  # e.g. out of memory on this rank only
-                # Enter the all-reduce anyway, with NaN: every rank then fails together below
-                # instead of the others waiting for this one until the collective times out.
-                error = exc
-                out = torch.full_like(V, float("nan"))
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-            if error is not None:
-                raise error
-            # Tested after the reduction, which carries a NaN/inf from any rank to every rank.
-            if out.device.type == "cpu" and not bool(torch.isfinite(out).all()):
-                raise NonFiniteCurvatureError("A curvature product is not finite (NaN or inf).")
-        self.num_products += V.shape[0]
-        return out
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        return self.matvec(v) if v.dim() == 1 else self.matmat(v.T).T
-
-    def to_dense(self) -> Tensor:
-        """The ``(dim, dim)`` matrix (``dim`` products: for small operators and tests)."""
-        return self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
-
-    def broadcast_(self, tensor: Tensor) -> Tensor:
-        """Make ``tensor`` equal to rank 0's copy on every rank (a no-op without distribution)."""
-        if self.distributed:
-            dist.broadcast(tensor, src=0)
-        return tensor
-
-
-def fresh_seed(operator: CurvatureOperator) -> int:
-    """A random seed drawn from the operating system, never from (and never advancing) the
-    global RNG streams; under distribution, rank 0's."""
-    seed = torch.tensor([torch.Generator().seed() % 2**62], dtype=torch.int64,
-                        device=operator.device)
-    return int(operator.broadcast_(seed).item())
-
-
-class _FunctionOperator(CurvatureOperator):
-    _function: Callable[[Tensor], Tensor]
-
-    def local_matmat(self, V: Tensor) -> Tensor:
-        return self._function(V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,58 +355,6 @@ class HessianOperator(_ModelCurvature):
         outputs, grads = zip(*pairs, strict=True)
         return self._flatten_rows(self._vjp(outputs, self.params, grads), k)
 
-
-def _select(output: Any, selector: OutputSelector) -> list[Tensor]:
-    """The tensors of a model's return value that are the GGN's output :math:`f`."""
-    if selector is None:
-        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.requires_grad]
-        _check_independent(leaves)
-        return leaves
-    chosen: Any
-    if callable(selector):
-        chosen = selector(output)
-    elif isinstance(selector, str):
-        chosen = output[selector] if isinstance(output, dict) else getattr(output, selector, None)
-    else:
-        chosen = output[selector]
-    if not isinstance(chosen, Tensor) or not chosen.requires_grad:
-        raise ValueError(
-            f"ggn_output={selector!r} selected {type(chosen).__name__}, not a tensor that depends "
-            "on the parameters. Name the model output the loss is computed from."
-        )
-    return [chosen]
-
-
-def _graph_nodes(tensor: Tensor) -> set[Any]:
-    seen: set[Any] = set()
-    stack = [tensor.grad_fn] if tensor.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(parent for parent, _ in node.next_functions if parent is not None)
-    return seen
-
-
-def _check_independent(leaves: list[Tensor]) -> None:
-    """Refuse outputs of which one is computed from another (e.g. ``(logits, features)``)."""
-    if len(leaves) < 2:
-        return
-    graphs = [_graph_nodes(t) for t in leaves]
-    for i, leaf in enumerate(leaves):
-        for j, other in enumerate(graphs):
-            if i != j and leaf.grad_fn is not None and leaf.grad_fn in other:
-                raise ValueError(
-                    f"curvature='ggn': the model returns {len(leaves)} tensors and output {i} "
-                    f"(shape {tuple(leaf.shape)}) is an ancestor of output {j} (shape "
-                    f"{tuple(leaves[j].shape)}), e.g. (logits, features): treating both as the "
-                    "network output f would count the same path twice. Say which one the loss is "
-                    "computed from with ggn_output= (an index, a key, or a function of the output), "
-                    "e.g. ggn_output=0."
-                )
-
-
 class GGNOperator(_ModelCurvature):
     r"""Products with the Generalised Gauss-Newton :math:`J^\top (\nabla_f^2 L) J` on fixed batches.
 
@@ -572,7 +391,7 @@ class GGNOperator(_ModelCurvature):
                 f"but it was called {len(captured)} times. Use curvature='hessian', or write a "
                 "loss_fn that computes the loss from a single model(batch) call."
             )
-        leaves = _select(captured[0], self.ggn_output)
+        leaves = select_output(captured[0], self.ggn_output)
         if not leaves:
             raise ValueError("curvature='ggn': the model output has no tensor that requires grad.")
         dloss_df = self._grad_of(loss, leaves)

@@ -1,0 +1,62 @@
+"""The package's boundaries: the engine and the LR rules never import Lightning, every Lightning
+import lives in ``lr_batch_callback/callbacks/``, modules stay short, public callables small."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import lr_batch_callback
+
+PACKAGE = Path(lr_batch_callback.__file__).parent
+
+
+def test_lr_scaler_scaling_factor_and_the_engine_import_without_lightning() -> None:
+    code = ("import sys, lr_batch_callback as lbc; lbc.LRScaler; lbc.scaling_factor; "
+            "lbc.hessian_eigenvalues; lbc.MonitorConfig; lbc.SpectrumRecord; "
+            "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith("
+            "('lightning.', 'pytorch_lightning'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_callbacks_load_lightning_on_first_use() -> None:
+    code = "import lr_batch_callback as lbc, sys; lbc.BatchSizeLRCallback; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_every_lightning_import_is_in_the_lightning_layer() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        uses = any(n == "lightning" or n.startswith("lightning.") for n in _imports(path))
+        if path.parent.name != "callbacks":
+            assert not uses, f"{path} imports Lightning"
+
+
+def test_modules_are_short_and_say_their_responsibility() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 430  # about 400, (path, len(text.splitlines()))
+        doc = ast.get_docstring(ast.parse(text))
+        assert doc and doc.splitlines()[0].strip(), f"{path} has no one-line responsibility"
+
+
+def test_no_public_callable_takes_more_than_ten_parameters() -> None:
+    for name in lr_batch_callback.__all__:
+        obj = getattr(lr_batch_callback, name)
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        params = [p for p in inspect.signature(target).parameters if p != "self"]
+        assert len(params) <= 10, (name, params)
