@@ -707,29 +707,17 @@ def hvp_operator(model: Ensemble, loss_fn, batch, scale: list[Tensor] | None = N
 
 
 def lanczos_top(matvec, n: int, *, max_iter: int = 60, tol: float = 1e-3, seed: int = 0) -> tuple[float, bool]:
-    """Largest eigenvalue of a symmetric operator by Lanczos with full reorthogonalisation
-    (twice), float64 coefficients, stopping on the Ritz residual |β_m s_m| ≤ tol·|θ|."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, generator=g, dtype=torch.float64)
-    q /= q.norm()
-    Q, alphas, betas = [q], [], []
-    theta = math.nan
-    for j in range(min(max_iter, n)):
-        w = matvec(Q[-1].float()).double()
-        alpha = float(w @ Q[-1])
-        alphas.append(alpha)
-        Qm = torch.stack(Q)
-        for _ in range(2):
-            w = w - Qm.T @ (Qm @ w)
-        beta = float(w.norm())
-        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        evals, evecs = np.linalg.eigh(T)
-        theta = float(evals[-1])
-        if abs(beta * evecs[-1, -1]) <= tol * abs(theta) or beta < 1e-10:
-            return theta, True
-        betas.append(beta)
-        Q.append(w / beta)
-    return theta, False
+    """Largest eigenvalue of the symmetric map ``matvec`` with the library's own Lanczos."""
+    import warnings
+
+    from lr_batch_callback import CurvatureOperator, lanczos
+
+    op = CurvatureOperator.from_function(
+        lambda V: torch.stack([matvec(v.float()).double() for v in V]), n, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = lanczos(op, tol=tol, max_iter=min(max_iter, n), seed=seed)
+    return float(res.eigenvalues[0]), bool(res.converged)
 
 
 def extract(task: Task, state: dict[str, Any], m: int, seed: int) -> Ensemble:
@@ -1421,7 +1409,7 @@ def markdown(results: dict[str, Any]) -> str:
                     if c.get("k_star") is None:
                         parts.append(f"{B}: –")
                         continue
-                    o = lambda k: (k - base) / 2  # noqa: E731
+                    o = lambda k, base=base: (k - base) / 2  # noqa: E731
                     parts.append(f"{B}: {o(c['k_star']):+.2f} [{o(c['band_k'][0]):+.2f}, "
                                  f"{o(c['band_k'][1]):+.2f}] ({o(c['k_stable']):+.1f}"
                                  f"{'+' if c['stable_at_top'] else ''})")
