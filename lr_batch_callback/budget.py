@@ -43,7 +43,8 @@ class Budget:
     """
 
     def __init__(self, max_overhead: float | None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 first_guess: dict[str, int] | None = None) -> None:
         self.max_overhead = max_overhead
         self.clock = clock
         self.spent_seconds = 0.0
@@ -51,6 +52,9 @@ class Budget:
         self._start: float | None = None
         self._start_step = 0
         self.last_products = {"lambda_max": 0, "lambda_min": 0, "density": 0}
+        # Products of a part never measured yet: its cap, so that a dear part is not taken as
+        # free the first time (λ_min and the density cost tens of times λ_max).
+        self.first_guess = dict(first_guess or {})
 
     def start(self, step: int) -> None:
         """Mark the start of training (training time excludes measuring time)."""
@@ -67,11 +71,14 @@ class Budget:
         """Predicted seconds of a measurement with these parts (``inf`` before the first)."""
         if self.cost is None:
             return math.inf
-        products = self.last_products["lambda_max"]
+        def count(part: str) -> int:
+            return self.last_products[part] or self.first_guess.get(part, 0)
+
+        products = count("lambda_max")
         if lambda_min:
-            products += self.last_products["lambda_min"]
+            products += count("lambda_min")
         if density:
-            products += self.last_products["density"]
+            products += count("density")
         return self.cost.build_seconds + products * self.cost.seconds_per_product
 
     def _fits(self, seconds: float) -> bool:

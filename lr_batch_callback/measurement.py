@@ -43,9 +43,12 @@ class MonitorConfig:
         k: number of top eigenvalues.
         tol: relative tolerance of each eigenvalue.
         max_iter: cap on products per Lanczos run.
-        lambda_min_every: include λ_min (the most negative eigenvalue, several times dearer than
-            λ_max) in every this many measurements; 0: never.
-        density_every: include the spectral density in every this many measurements; 0: never.
+        lambda_min_every: include λ_min (the most negative eigenvalue) in every this many
+            measurements; 0 (the default): never. λ_min sits at the edge of the bulk and costs
+            10–40 times λ_max.
+        density_every: include the spectral density in every this many measurements (the
+            default 20: every 5,000 steps at the default cadence); 0: never. A density costs
+            ``density_probes × density_steps`` products, about 20 λ_max measurements.
         density_probes: SLQ probe vectors of a density.
         density_steps: Lanczos steps per probe of a density.
         max_overhead: fraction of training time measurements may take; over budget they are
@@ -57,8 +60,8 @@ class MonitorConfig:
     k: int = 1
     tol: float = DEFAULT_TOL
     max_iter: int = 30
-    lambda_min_every: int = 4
-    density_every: int = 8
+    lambda_min_every: int = 0
+    density_every: int = 20
     density_probes: int = DEFAULT_PROBES
     density_steps: int = DEFAULT_STEPS
     max_overhead: float | None = 0.05

@@ -88,3 +88,13 @@ def test_an_explicit_cadence_never_yields_zero_measurements(tmp_path, caplog) ->
     assert monitor.measurements >= 1
     assert monitor.measurements + monitor.skipped == trainer.global_step
     assert "allows about one measurement every" in caplog.text
+
+
+def test_a_part_never_measured_is_priced_at_its_cap() -> None:
+    budget, clock = _budget()
+    budget.first_guess = {"density": 80}
+    clock.t = 100.0
+    _measured(budget, clock, 0.5, {"lambda_max": 5, "lambda_min": 0, "density": 0})
+    clock.t += 1.0
+    assert budget.predict(False, True) == pytest.approx(0.1 + 85 * 0.1)
+    assert budget.plan(False, True) == Plan(True, False, False)  # 8.6 s does not fit yet

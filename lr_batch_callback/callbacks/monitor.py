@@ -107,7 +107,9 @@ class SpectrumMonitor(Callback):
         self.on_batch_size_change = check_bool(on_batch_size_change, "on_batch_size_change")
         self.loss_fn = check_callable(loss_fn, "loss_fn", "(module, batch) -> scalar tensor")
         self.reader = BatchSizeReader(batch_size_attr, batch_size_fn)
-        self.budget = Budget(self.config.max_overhead)
+        cfg = self.config
+        self.budget = Budget(cfg.max_overhead, first_guess={
+            "lambda_min": cfg.max_iter, "density": cfg.density_probes * cfg.density_steps})
         self.measurements = 0
         self.skipped = 0
         self.disabled: str | None = None
