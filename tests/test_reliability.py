@@ -175,7 +175,7 @@ def test_loss_fn_that_does_not_return_a_scalar_is_a_clear_error() -> None:
     ({"tol": 0.0}, r"tol must be a positive finite number, got 0.0"),
     ({"tol": -1e-3}, r"tol must be a positive finite number, got -0.001"),
     ({"k": 0}, r"k must be a positive integer, got 0"),
-    ({"k": 2, "max_iter": 3}, r"max_iter must be an integer >= 4, got 3"),
+    ({"k": 2, "max_iter": 3, "smallest": True}, r"max_iter must be an integer >= 4, got 3"),
     ({"monitor_every_n_steps": -5}, r"monitor_every_n_steps .* got -5"),
 ])
 def test_callback_rejects_bad_arguments_eagerly(kwargs, message) -> None:
