@@ -18,6 +18,7 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_factor",
     "check_fraction",
     "check_integer",
     "check_positive_float",
@@ -89,6 +90,26 @@ def check_batch_size(value: object, name: str, *, allow_none: bool = False) -> A
     if int(value) < 1:  # type: ignore[call-overload]
         raise ValueError(f"{name} must be an integer >= 1{extra}, got {value!r}.")
     return int(value)  # type: ignore[call-overload]
+
+
+def check_factor(value: object, name: str = "factor") -> float:
+    """``value`` as a finite ``float`` > 0: a learning-rate multiplier.
+
+    Non-numbers (bools included) are bad *types* (``TypeError``); zero, negative, NaN and infinite
+    numbers are bad *values* (``ValueError``).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a finite real number > 0, got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    factor = float(value)
+    if not math.isfinite(factor) or factor <= 0.0:
+        raise ValueError(
+            f"{name} must be a finite real number > 0, got {value!r}; a learning-rate factor "
+            "multiplies the learning rate, so it cannot be zero, negative, inf or nan."
+        )
+    return factor
 
 
 def check_positive_float(value: object, name: str, *, allow_none: bool = False,

@@ -4,7 +4,8 @@
 - :class:`SpectrumMonitor` (``monitor.py``): periodic batch-curvature spectra, logged;
 - :class:`BatchSizeLRCallback` (``combined.py``): both in one;
 - :class:`BatchSizeSchedule` (``schedule.py``): change the batch size at chosen epochs;
-- ``batch_size.py`` (where the batch size comes from), ``loggers.py`` (what reaches loggers).
+- ``base.py`` (stable state key, step detection), ``batch_size.py`` (where the batch size comes
+  from), ``loggers.py`` (what reaches loggers).
 """
 
 from lr_batch_callback.callbacks.combined import BatchSizeLRCallback

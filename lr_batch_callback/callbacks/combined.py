@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_integer
+from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.monitor import SpectrumMonitor
 from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling, RuleSpec
 from lr_batch_callback.engine.batching import BatchSizeFn
@@ -26,7 +27,7 @@ from lr_batch_callback.measurement import MonitorConfig
 
 __all__ = ["BatchSizeLRCallback"]
 
-class BatchSizeLRCallback(Callback):
+class BatchSizeLRCallback(StableCallback):
     """Rescale the learning rate when the effective batch size changes; log batch-Hessian spectra.
 
     Args:
@@ -102,11 +103,6 @@ class BatchSizeLRCallback(Callback):
         return self.scaling.scaling_metrics()
 
     # -- state -------------------------------------------------------------------------------------
-    @property
-    @override
-    def state_key(self) -> str:
-        return type(self).__qualname__  # stable across constructor arguments
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**self.scaling.state_dict(), "monitor": self.monitor.state_dict()}

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
@@ -30,6 +29,7 @@ from typing_extensions import override
 
 from lr_batch_callback._checks import check_bool, check_callable, check_integer
 from lr_batch_callback.budget import Budget
+from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics, publish_record, spectra_directories
 from lr_batch_callback.engine.batching import BatchSizeFn
@@ -68,7 +68,7 @@ def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torc
     return out
 
 
-class SpectrumMonitor(Callback):
+class SpectrumMonitor(StableCallback):
     """Measure the top eigenvalues (and now and then λ_min and the density) of the batch Hessian.
 
     Args:
@@ -115,7 +115,6 @@ class SpectrumMonitor(Callback):
         self.disabled: str | None = None
         self.last: SpectrumRecord | None = None
         self._since = {"lambda_min": 0, "density": 0}
-        self._last_step = -1
         self._effective: int | None = None
         self._measure_next = False
         self._destinations: list[Any] = []
@@ -123,11 +122,6 @@ class SpectrumMonitor(Callback):
         self._stretch_said = False
 
     # -- state ------------------------------------------------------------------------------------
-    @property
-    @override
-    def state_key(self) -> str:
-        return type(self).__qualname__  # stable across constructor arguments
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"measurements": self.measurements, "skipped": self.skipped,
@@ -158,7 +152,7 @@ class SpectrumMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self.start_steps(trainer)
         self._effective = self.reader.effective(trainer, pl_module)
         self.budget.start(trainer.global_step)
         # Files and artifacts are for real runs with a logger (logger=False: no files), written by
@@ -181,9 +175,8 @@ class SpectrumMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:
+        if not self.stepped(trainer):
             return  # no optimizer step (gradient accumulation): nothing changed
-        self._last_step = trainer.global_step
         if not self.enabled:
             return
         due = self._measure_next or (trainer.global_step % self.every_n_steps == 0)  # type: ignore[operator]

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_batch_size, check_bool, check_callable
+from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics
 from lr_batch_callback.callbacks.monitor import loss_from_training_step
@@ -51,7 +51,7 @@ def _rule_name(rule: Any) -> str:
     return str(getattr(rule, "__qualname__", type(rule).__qualname__))
 
 
-class BatchSizeLRScaling(Callback):
+class BatchSizeLRScaling(StableCallback):
     """Rescale the learning rate when the effective batch size changes.
 
     Args:
@@ -108,19 +108,11 @@ class BatchSizeLRScaling(Callback):
         self._scalers: list[LRScaler] = []
         self._configured: int | None = None  # the batch-size attribute at setup
         self._restored_rule: str | None = None
-        self._last_step = -1
         self._pool = SamplePool(self.law_config.samples)
         self._law_due = False
         self._warnings = WarningCache()
 
     # -- identity & state ---------------------------------------------------------------------------
-    @property
-    @override
-    def state_key(self) -> str:
-        # Stable whatever the constructor arguments: a resumed run with the rule spelled
-        # differently still finds its reference batch size.
-        return type(self).__qualname__
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -168,7 +160,7 @@ class BatchSizeLRScaling(Callback):
             )
         self._rules = [resolve_rule(r, opt) for r, opt in zip(rules, optimizers, strict=True)]
         self._scalers = [LRScaler(opt) for opt in optimizers]
-        self._last_step = trainer.global_step
+        self.start_steps(trainer)
         if self.reference_batch_size is None:
             self.reference_batch_size = self._reference(trainer, pl_module)
         elif self._restored_rule is not None and self._restored_rule != ",".join(self.rule_names):
@@ -192,9 +184,8 @@ class BatchSizeLRScaling(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:
+        if not self.stepped(trainer):
             return  # no optimizer step (gradient accumulation): nothing changed
-        self._last_step = trainer.global_step
         if self._uses_law:
             self._pool.add(batch)
             if self._law_due and self._pool.size >= min(self.law_config.samples, 64):

@@ -20,12 +20,11 @@ Imports neither Lightning nor the curvature engine.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from lr_batch_callback._checks import check_batch_size, check_choice
+from lr_batch_callback._checks import check_batch_size, check_choice, check_factor
 from lr_batch_callback.law.model import curvature_lr_factor
 from lr_batch_callback.scaling.optimizers import is_adaptive, unwrap_optimizer
 
@@ -156,18 +155,10 @@ class ScalingRule:
         old = check_batch_size(old_batch_size, "old_batch_size")
         new = check_batch_size(new_batch_size, "new_batch_size")
         value = self._factor(old, new)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(
-                f"Scaling rule {self.name!r} returned {value!r} for {old} -> {new}; a rule must "
-                "return a finite float > 0."
-            )
-        factor = float(value)
-        if not math.isfinite(factor) or factor <= 0.0:
-            raise ValueError(
-                f"Scaling rule {self.name!r} returned {value!r} for {old} -> {new}; a rule must "
-                "return a finite float > 0 (a learning-rate multiplier)."
-            )
-        return factor
+        try:
+            return check_factor(value, f"the factor of scaling rule {self.name!r} for {old} -> {new}")
+        except TypeError as exc:  # a rule that returns a non-number is a wrong value, not type
+            raise ValueError(str(exc)) from exc
 
     def _factor(self, old: int, new: int) -> float:
         raise NotImplementedError

@@ -9,7 +9,6 @@ Imports neither Lightning nor the curvature engine.
 
 from __future__ import annotations
 
-import math
 import numbers
 import weakref
 from collections.abc import Sequence
@@ -18,28 +17,13 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from lr_batch_callback._checks import check_factor
 from lr_batch_callback.scaling.optimizers import unwrap_optimizer
 
 __all__ = ["LRScaler"]
 
 # optimizer -> its scaler: weak keys, so that a scaler never keeps an optimizer alive.
 _ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, LRScaler] = weakref.WeakKeyDictionary()
-
-def _check_factor(value: object, name: str = "factor") -> float:
-    """Return ``value`` as a finite ``float`` > 0, or raise naming the bad value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a finite real number > 0, got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    factor = float(value)
-    if not math.isfinite(factor) or factor <= 0.0:
-        raise ValueError(
-            f"{name} must be a finite real number > 0, got {value!r}; a learning-rate factor "
-            "multiplies the learning rate, so it cannot be zero, negative, inf or nan."
-        )
-    return factor
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,8 +104,8 @@ class LRScaler:
                     f"Got {len(factor)} factors {list(factor)!r} for an optimizer with "
                     f"{num_groups} param groups; pass one factor per group or a single float."
                 )
-            return [_check_factor(f, f"factor[{i}]") for i, f in enumerate(factor)]
-        return [_check_factor(factor)] * num_groups
+            return [check_factor(f, f"factor[{i}]") for i, f in enumerate(factor)]
+        return [check_factor(factor)] * num_groups
 
     def _factor_of(self, index: int) -> float:
         # Groups added after construction default to 1.0 ("pad on use").
@@ -156,7 +140,7 @@ class LRScaler:
             factor: A finite float > 0.
             param_group: Index into ``optimizer.param_groups``, or ``None`` for all groups.
         """
-        value = _check_factor(factor)
+        value = check_factor(factor)
         num_groups = len(self.optimizer.param_groups)
         self._factors = self.factors  # pad for groups added since
         if param_group is None:
