@@ -1,24 +1,17 @@
-"""Peak memory of one estimate, as a multiple of one training step's peak.
+"""Peak memory of a measurement against a training step, each in its own subprocess.
 
-Each measurement runs in a fresh subprocess (``python -m benchmarks.memory SPEC``) so that no
-allocator cache or earlier peak is shared between measurements. The subprocess builds the problem
-(model, weights, batch), runs one no-grad forward pass to initialise the libraries, records a
-baseline, runs the measured task once and reports the peak *increase* over the baseline:
+Each task runs in a fresh subprocess (``python -m benchmarks.memory SPEC``), so that no allocator
+cache or earlier peak is shared. The subprocess rebuilds the problem with the parent's weights
+(its first batch is the same), imports every library, runs one no-grad forward pass, records a
+baseline, runs the task once and reports the peak *increase* of the *anonymous* resident memory
+(``/proc/self/statm``: resident − shared pages), sampled every 0.5 ms by a thread. The kernel's
+high-water mark (``VmHWM`` = ``ru_maxrss``) also counts file-backed pages — the libtorch code a
+task touches first, whose amount moved by 100+ MiB with what other processes had run — and
+``tracemalloc`` does not see torch's allocator. glibc's mmap threshold is fixed at 64 KiB so that
+freed blocks leave the resident set and a repeated allocation is seen again.
 
-- CPU: the peak of the *anonymous* resident memory (``/proc/self/statm``: resident − shared pages),
-  sampled every 0.5 ms by a thread while the task runs, minus its value at the baseline. The
-  kernel's high-water mark (``VmHWM`` = ``ru_maxrss``, resettable through ``/proc/self/clear_refs``)
-  was tried first and rejected: it also counts file-backed pages, i.e. the libtorch code a task
-  touches for the first time, and that amount changed by 100+ MiB with what other processes had
-  run before (page-cache fault-around). ``tracemalloc`` does not see torch's allocator.
-- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
-  ``memory_allocated()`` at the baseline.
-
-The training step is SGD with momentum 0.9 in steady state: one step is taken first (so momentum
-buffers exist, as in training), then the second step is measured. Every library is imported
-before the baseline (``lr_batch_callback`` pulls in Lightning). The subprocess runs with glibc's
-mmap threshold fixed at 64 KiB, so that freed blocks leave the resident set and a repeated
-allocation is seen again.
+The training step is SGD with momentum 0.9 in steady state: one step first (momentum buffers
+exist, ``.grad`` is then freed as ``zero_grad(set_to_none=True)`` does), then the measured step.
 """
 
 from __future__ import annotations
@@ -38,14 +31,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 TASKS = {
     "train_step": "training step (forward, backward, SGD step)",
-    "ours_eig": "ours: hessian_eigenvalues(k=1, tol=1e-4)",
-    "ours_eig_ggn": "ours: hessian_eigenvalues(k=1, tol=1e-4, curvature='ggn')",
-    "ours_density": "ours: spectral_density(8 probes × 30 steps, batched)",
-    "ours_density_seq": "ours: spectral_density(8 × 30, batched=False)",
-    "pyhessian_eig": "PyHessian: eigenvalues() defaults",
-    "eigenthings_lanczos": "hessian-eigenthings: lanczos(k=1, max_iter=20, which='LA')",
-    "curvlinops_eigsh": "curvlinops: eigsh(k=1, which='LA', tol=1e-4)",
+    "default_measurement": "ours: default measurement (λ_max)",
+    "lambda_min_measurement": "ours: measurement with λ_min",
+    "density_measurement": "ours: measurement with density",
+    "pyhessian": "PyHessian: eigenvalues(tol=1e-3)",
+    "eigenthings_power": "hessian-eigenthings: power_iteration_one(tol=1e-3)",
+    "curvlinops_eigsh": "curvlinops: eigsh(k=1, which='LA', tol=1e-3)",
 }
+PEER_TASKS = {"pyhessian": "PyHessian", "eigenthings_power": "hessian-eigenthings",
+              "curvlinops_eigsh": "curvlinops"}
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -91,43 +85,38 @@ def _import_for(task: str) -> None:
     """Import everything the task needs *before* the baseline: imports are not the task's memory
     (``lr_batch_callback`` pulls in Lightning, hundreds of MiB of resident modules)."""
     import lr_batch_callback  # noqa: F401
+    import lr_batch_callback.measurement  # noqa: F401
     from benchmarks import methods  # noqa: F401
 
-    if task == "pyhessian_eig":
+    if task == "pyhessian":
         import pyhessian  # noqa: F401
-    elif task == "eigenthings_lanczos":
+    elif task == "eigenthings_power":
         import hessian_eigenthings  # noqa: F401
     elif task == "curvlinops_eigsh":
         import curvlinops  # noqa: F401
         import scipy.sparse.linalg  # noqa: F401
 
 
-def _run_task(task: str, problem: Any, spec: dict[str, Any]) -> None:
-    from benchmarks import methods
-    from lr_batch_callback import hessian_eigenvalues, spectral_density
+def _run_task(task: str, problem: Any) -> None:
+    from benchmarks import methods as M
 
+    batch = problem.batch
     if task == "train_step":
-        optimizer = spec["_optimizer"]
-        optimizer.zero_grad(set_to_none=True)
-        problem.loss_fn(problem.model, problem.batch).backward()
-        optimizer.step()
-    elif task in ("ours_eig", "ours_eig_ggn"):
-        hessian_eigenvalues(problem.model, problem.loss_fn, problem.batch, k=1, tol=1e-4, seed=0,
-                            curvature="ggn" if task == "ours_eig_ggn" else "hessian")
-    elif task in ("ours_density", "ours_density_seq"):
-        spectral_density(problem.model, problem.loss_fn, problem.batch, num_probes=8,
-                         num_steps=30, seed=0, batched=task == "ours_density")
-    elif task == "pyhessian_eig":
-        from pyhessian.hessian import hessian
-
-        torch.manual_seed(0)
-        hessian(problem.model, problem.criterion, data=problem.batch,
-                cuda=problem.device.type == "cuda").eigenvalues()
-    elif task == "eigenthings_lanczos":
-        methods.eigenthings_lanczos(problem, 0, k=1, max_iter=20, which="LA")
+        problem.optimizer.zero_grad(set_to_none=True)
+        problem.loss_fn(problem.model, batch).backward()
+        problem.optimizer.step()
+    elif task == "default_measurement":
+        M.ours_measurement(problem, batch, parts=(False, False))
+    elif task == "lambda_min_measurement":
+        M.ours_measurement(problem, batch, parts=(True, False))
+    elif task == "density_measurement":
+        M.ours_measurement(problem, batch, parts=(False, True))
+    elif task == "pyhessian":
+        M.pyhessian(problem, batch, tol=1e-3)
+    elif task == "eigenthings_power":
+        M.eigenthings_power(problem, batch, tol=1e-3)
     elif task == "curvlinops_eigsh":
-        methods.curvlinops_eigsh(problem, methods.eigenthings_start(problem.num_params, 0), 1000,
-                                 tol=1e-4)
+        M.curvlinops_eigsh(problem, batch, tol=1e-3)
     else:
         raise ValueError(f"unknown task {task!r}")
 
@@ -136,35 +125,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in the subprocess: build the problem, measure the task, return the peak increase."""
     from benchmarks.problems import build_problem
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    state_dict = torch.load(spec["weights"], map_location="cpu") if spec.get("weights") else None
-    problem = build_problem(spec["model"], device, batch_size=spec.get("batch_size"),
-                            pretrain_steps=spec.get("pretrain_steps", 300), state_dict=state_dict)
+    torch.set_num_threads(spec.get("threads") or 1)
+    state_dict = torch.load(spec["weights"]) if spec.get("weights") else None
+    problem = build_problem(spec["model"], state_dict=state_dict, seed=spec.get("seed", 0))
     _import_for(spec["task"])
     with torch.no_grad():
         problem.model(problem.batch[0])
     if spec["task"] == "train_step":
-        spec["_optimizer"] = torch.optim.SGD(problem.model.parameters(), lr=1e-3, momentum=0.9)
-        _run_task("train_step", problem, spec)  # steady state: momentum buffers exist
-        spec["_optimizer"].zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        _run_task(spec["task"], problem, spec)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        method = "torch.cuda.max_memory_allocated − baseline"
-    else:
-        base = _anon_bytes()
-        with _AnonPeak() as sampler:
-            _run_task(spec["task"], problem, spec)
-        peak = max(sampler.peak - base, 0)
-        method = ("peak anonymous resident memory (statm resident − shared, sampled every 0.5 ms) "
-                  "− baseline, glibc mmap threshold fixed at 64 KiB")
-    return {"peak_bytes": peak, "method": method, "param_bytes": problem.num_params * 4}
+        _run_task("train_step", problem)  # steady state: momentum buffers exist
+        problem.optimizer.zero_grad(set_to_none=True)
+    base = _anon_bytes()
+    with _AnonPeak() as sampler:
+        _run_task(spec["task"], problem)
+    peak = max(sampler.peak - base, 0)
+    return {"peak_bytes": peak, "param_bytes": problem.num_params * 4}
 
 
 def measure(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
@@ -185,6 +159,22 @@ def measure(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
             return json.loads(line[len("MEMORY_RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()
     return {"error": tail[-1][:160] if tail else f"exit code {proc.returncode}"}
+
+
+def measure_all(model: str, tasks: list[str], weights: str, threads: int,
+                timeout: float = 900.0) -> list[dict[str, Any]]:
+    """One subprocess per task; ``x_train_step`` divides each peak by the training step's."""
+    rows = []
+    for task in tasks:
+        result = measure({"model": model, "task": task, "weights": weights, "threads": threads},
+                         timeout)
+        rows.append({"task": task, "label": TASKS[task], **result})
+    train = next((r["peak_bytes"] for r in rows if r["task"] == "train_step" and "peak_bytes" in r),
+                 None)
+    for r in rows:
+        if train and "peak_bytes" in r:
+            r["x_train_step"] = r["peak_bytes"] / train
+    return rows
 
 
 def main() -> None:

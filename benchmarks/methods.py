@@ -1,476 +1,72 @@
-"""Adapters that call lr_batch_callback and each peer the way its own sources intend.
+"""One λ_max estimate by each method, called the way its own sources intend, on one batch.
 
-Peers (the project's optional ``bench`` extra): PyHessian 0.1, hessian-eigenthings 1.0.0a5 and
-curvlinops-for-pytorch. A peer that is not installed is reported as such; every call to a peer is
-wrapped by the caller so that its failure becomes a table entry, not a crash.
+Every function takes the problem, the batch and the method's own knobs, and returns an
+:class:`Outcome`: the estimate, the operator-vector products it used (counted by wrapping the
+method's product), and the wall time *including* its set-up (graph or operator construction).
 
-Each product adapter returns ``(product, teardown)``: ``product()`` computes one operator product
-(or ``vectors`` of them) on the fixed batch; ``teardown()`` frees graphs and clears any ``.grad``
-the peer left behind (PyHessian stores a differentiable gradient graph in ``.grad``).
-
-Eigenvalue "traces" record, for every operator product of a capped run, the elapsed wall time and
-the value the method would return if its own stopping rule fired right there. Replaying a peer's
-stopping rule on its trace gives the products and time that run would have taken with any ``tol``:
-the arithmetic up to the stop is identical, so this is exact, and it costs one run instead of one
-per ``tol``.
+Peers (the ``bench`` extra): PyHessian 0.1, hessian-eigenthings 1.0.0a5, curvlinops (with scipy's
+ARPACK ``eigsh``, the eigensolver its documentation uses). A missing peer raises
+:class:`PeerMissing`; the caller turns every failure into a table entry.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.problems import Problem, sync
+from benchmarks.problems import Problem
 
-PEERS = {
+PEERS = {  # name: (module, distribution)
     "PyHessian": ("pyhessian", "pyhessian"),
     "hessian-eigenthings": ("hessian_eigenthings", "hessian-eigenthings"),
     "curvlinops": ("curvlinops", "curvlinops-for-pytorch"),
 }
-
-Product = tuple[Callable[[], Any], Callable[[], None]]
 
 
 class PeerMissing(RuntimeError):
     """The peer package is not installed."""
 
 
-class CapReached(RuntimeError):
-    """A run used up its product budget before stopping."""
+@dataclass(frozen=True)
+class Outcome:
+    """What one configured call returned."""
 
-
-class _TraceDone(Exception):
-    """Raised from inside a recorded run once every stopping rule of interest has decided."""
-
-
-Done = Callable[["Trace"], bool]
+    value: float
+    products: int
+    seconds: float
+    config: str
+    converged: bool | None = None
 
 
 def installed(peer: str) -> bool:
     return importlib.util.find_spec(PEERS[peer][0]) is not None
 
 
-def version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def peer_versions() -> dict[str, str]:
-    return {peer: version(dist) for peer, (_, dist) in PEERS.items()}
+def versions() -> dict[str, str]:
+    out = {}
+    for name, dist in [("lr_batch_callback", "lr_batch_callback"), ("torch", "torch")] + [
+            (peer, dist) for peer, (_, dist) in PEERS.items()]:
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _require(peer: str) -> None:
     if not installed(peer):
         raise PeerMissing(f"{peer} not installed")
-
-
-def split_like(v: Tensor, params: list[Tensor]) -> list[Tensor]:
-    """A flat vector as a list of tensors shaped like ``params``."""
-    return [c.reshape(p.shape) for c, p in zip(torch.split(v, [p.numel() for p in params]), params,
-                                                strict=True)]
-
-
-# -- product adapters ----------------------------------------------------------------------------
-
-
-def ours_product(problem: Problem, v: Tensor, curvature: str, vectors: int = 1,
-                 batched: bool = True) -> Product:
-    """Products on our operator, used inside ``isolated()`` as the estimates use it (leaving the
-    guard restores buffers, which invalidates a graph that saved them, e.g. eval-mode BN)."""
-    from lr_batch_callback.isolation import isolated
-    from lr_batch_callback.operators import make_operator
-
-    guard = contextlib.ExitStack()
-    guard.enter_context(isolated(problem.model))
-    try:
-        op = make_operator(curvature, problem.model, problem.loss_fn, [problem.batch],
-                           batched_products=batched)
-    except BaseException:
-        guard.close()
-        raise
-
-    def teardown() -> None:
-        guard.close()
-        problem.clear_grads()
-
-    if vectors == 1:
-        return (lambda: op.matvec(v)), teardown
-    V = torch.randn(vectors, v.numel(), generator=torch.Generator().manual_seed(1)).to(v)
-    return (lambda: op.matmat(V)), teardown
-
-
-def ours_graph_build(problem: Problem, curvature: str) -> Product:
-    """Building the operator: one forward and one backward pass with ``create_graph=True``."""
-    from lr_batch_callback.isolation import isolated
-    from lr_batch_callback.operators import make_operator
-
-    def build() -> None:
-        with isolated(problem.model):
-            make_operator(curvature, problem.model, problem.loss_fn, [problem.batch])
-
-    return build, problem.clear_grads
-
-
-def _free_operator(problem: Problem) -> Any:
-    """A diagonal operator of the problem's size: products cost nothing, so timing Lanczos on it
-    measures our bookkeeping alone (reorthogonalisation, float64 coefficients, stopping test)."""
-    from lr_batch_callback.operators import CurvatureOperator
-
-    class Diagonal(CurvatureOperator):
-        def __init__(self, d: Tensor) -> None:
-            super().__init__([d])
-            self.d = d
-
-        def _local_matmat(self, V: Tensor) -> Tensor:
-            return V * self.d
-
-    d = torch.linspace(1.0, 2.0, problem.num_params, device=problem.device)
-    return Diagonal(d)
-
-
-def ours_lanczos_overhead(problem: Problem, steps: int) -> Product:
-    """``steps`` Lanczos steps (k=1) of ours on a free operator: the per-run bookkeeping."""
-    from lr_batch_callback.lanczos import lanczos
-
-    op = _free_operator(problem)
-    return (lambda: lanczos(op, 1, tol=1e-30, max_iter=steps, seed=0,
-                            warn_unconverged=False)), problem.clear_grads
-
-
-def ours_slq_overhead(problem: Problem, probes: int, steps: int, batched: bool) -> Product:
-    """Our SLQ (``probes`` × ``steps``) on a free operator: the per-run bookkeeping."""
-    from lr_batch_callback.density import rademacher_probes, slq_quadrature
-
-    op = _free_operator(problem)
-    Q = rademacher_probes(probes, op.dim, torch.Generator().manual_seed(0))
-    return (lambda: slq_quadrature(op, Q, steps, batched=batched)), problem.clear_grads
-
-
-def pyhessian_product(problem: Problem, v: Tensor, dataloader: bool = False) -> Product:
-    _require("PyHessian")
-    from pyhessian.hessian import hessian
-    from pyhessian.utils import hessian_vector_product
-
-    cuda = problem.device.type == "cuda"
-    vs = split_like(v, problem.params)
-    if dataloader:  # recomputes forward and backward for every product
-        h = hessian(problem.model, problem.criterion, dataloader=[problem.batch], cuda=cuda)
-        return (lambda: h.dataloader_hv_product(vs)), problem.clear_grads
-    h = hessian(problem.model, problem.criterion, data=problem.batch, cuda=cuda)
-    return (lambda: hessian_vector_product(h.gradsH, h.params, vs)), problem.clear_grads
-
-
-def eigenthings_operator(problem: Problem, curvature: str) -> Any:
-    _require("hessian-eigenthings")
-    import hessian_eigenthings as he
-
-    if curvature == "hessian":
-        return he.HessianOperator(problem.model, [problem.batch], problem.loss_fn)
-    return he.GGNOperator(problem.model, [problem.batch], he.supervised_forward,
-                          he.supervised_loss_of_output(problem.criterion))
-
-
-def eigenthings_product(problem: Problem, v: Tensor, curvature: str) -> Product:
-    op = eigenthings_operator(problem, curvature)
-    return (lambda: op.matvec(v)), problem.clear_grads
-
-
-def curvlinops_operator(problem: Problem, curvature: str) -> Any:
-    _require("curvlinops")
-    from curvlinops import GGNLinearOperator, HessianLinearOperator
-
-    cls = HessianLinearOperator if curvature == "hessian" else GGNLinearOperator
-    # check_deterministic=False skips curvlinops' construction-time self-test (extra products).
-    return cls(problem.model, problem.criterion, problem.params, [problem.batch],
-               check_deterministic=False)
-
-
-def curvlinops_product(problem: Problem, v: Tensor, curvature: str) -> Product:
-    op = curvlinops_operator(problem, curvature)
-    return (lambda: op @ v), problem.clear_grads
-
-
-@dataclass(frozen=True)
-class ProductMethod:
-    """One row of the product-cost table."""
-
-    method: str
-    curvature: str
-    setup: Callable[[Problem, Tensor], Product]
-    vectors: int = 1
-    note: str = ""
-    peer: str | None = None
-
-
-PRODUCT_METHODS = [
-    ProductMethod("ours", "hessian", lambda p, v: ours_product(p, v, "hessian"),
-                  note="graph reused"),
-    ProductMethod("ours, 8 vectors batched", "hessian",
-                  lambda p, v: ours_product(p, v, "hessian", 8, batched=True), 8,
-                  note="per vector; is_grads_batched"),
-    ProductMethod("ours, 8 vectors looped", "hessian",
-                  lambda p, v: ours_product(p, v, "hessian", 8, batched=False), 8,
-                  note="per vector; batched_products=False"),
-    ProductMethod("ours: operator build (once)", "hessian",
-                  lambda p, v: ours_graph_build(p, "hessian"),
-                  note="forward + create_graph backward, paid once per estimate"),
-    ProductMethod("ours: Lanczos bookkeeping per step", "hessian",
-                  lambda p, v: ours_lanczos_overhead(p, 30), 30,
-                  note="30 steps on a free operator; averaged per step"),
-    ProductMethod("ours: SLQ bookkeeping per probe-step", "hessian",
-                  lambda p, v: ours_slq_overhead(p, 8, 30, True), 240,
-                  note="8 probes × 30 steps batched, free operator; per probe-step"),
-    ProductMethod("PyHessian (data=)", "hessian", lambda p, v: pyhessian_product(p, v),
-                  note="graph reused", peer="PyHessian"),
-    ProductMethod("PyHessian (dataloader=)", "hessian",
-                  lambda p, v: pyhessian_product(p, v, dataloader=True),
-                  note="recomputes forward+backward", peer="PyHessian"),
-    ProductMethod("hessian-eigenthings", "hessian",
-                  lambda p, v: eigenthings_product(p, v, "hessian"),
-                  note="recomputes forward+backward", peer="hessian-eigenthings"),
-    ProductMethod("curvlinops", "hessian", lambda p, v: curvlinops_product(p, v, "hessian"),
-                  note="torch.func jvp(jacrev)", peer="curvlinops"),
-    ProductMethod("ours", "ggn", lambda p, v: ours_product(p, v, "ggn"), note="graph reused"),
-    ProductMethod("ours, 8 vectors batched", "ggn",
-                  lambda p, v: ours_product(p, v, "ggn", 8, batched=True), 8,
-                  note="per vector; is_grads_batched"),
-    ProductMethod("ours, 8 vectors looped", "ggn",
-                  lambda p, v: ours_product(p, v, "ggn", 8, batched=False), 8,
-                  note="per vector; batched_products=False"),
-    ProductMethod("hessian-eigenthings", "ggn", lambda p, v: eigenthings_product(p, v, "ggn"),
-                  note="torch.func jvp + vjp, recomputes forward", peer="hessian-eigenthings"),
-    ProductMethod("curvlinops", "ggn", lambda p, v: curvlinops_product(p, v, "ggn"),
-                  peer="curvlinops"),
-]
-
-
-# -- λ_max: traces, replays and real runs ----------------------------------------------------------
-
-
-@dataclass
-class Trace:
-    """Per product: elapsed seconds since the method was called (set-up included) and estimate."""
-
-    times: list[float] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    residuals: list[float] = field(default_factory=list)
-    setup_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one configured run returned."""
-
-    value: float | None
-    products: int
-    seconds: float
-    config: str
-    note: str = ""
-
-
-def pyhessian_trace(problem: Problem, seed: int, cap: int, done: Done | None = None) -> Trace:
-    """PyHessian's ``eigenvalues()`` power iteration for ``cap`` products, recorded; ended early
-    once ``done(trace)`` (every replayed stopping rule has decided)."""
-    _require("PyHessian")
-    import pyhessian.hessian  # noqa: F401 - the package re-exports the class under the same name
-
-    ph = sys.modules["pyhessian.hessian"]
-    original = ph.hessian_vector_product
-    trace = Trace()
-    start = [0.0]
-
-    def recording(grads: Any, params: Any, v: Any) -> Any:
-        hv = original(grads, params, v)
-        # exactly PyHessian's own estimate: group_product(Hv, v).cpu().item()
-        trace.values.append(sum(torch.sum(a * b) for a, b in zip(hv, v, strict=True)).cpu().item())
-        trace.times.append(time.perf_counter() - start[0])
-        if done is not None and done(trace):
-            raise _TraceDone
-        return hv
-
-    ph.hessian_vector_product = recording
-    try:
-        torch.manual_seed(seed)  # PyHessian draws its start vector from the global generator
-        sync(problem.device)
-        start[0] = time.perf_counter()
-        h = ph.hessian(problem.model, problem.criterion, data=problem.batch,
-                       cuda=problem.device.type == "cuda")
-        trace.setup_seconds = time.perf_counter() - start[0]
-        h.eigenvalues(maxIter=cap, tol=0.0)  # tol=0 never stops early: the full trace
-    except _TraceDone:
-        pass
-    finally:
-        ph.hessian_vector_product = original
-        problem.clear_grads()
-    return trace
-
-
-def replay_pyhessian(trace: Trace, tol: float, max_iter: int = 100) -> Outcome | None:
-    """PyHessian's stop: relative change of consecutive estimates below ``tol``; it returns the
-    *previous* estimate. ``None`` when the trace ended before the rule decided."""
-    eigenvalue = None
-    for i, tmp in enumerate(trace.values[:max_iter]):
-        if eigenvalue is not None and abs(eigenvalue - tmp) / (abs(eigenvalue) + 1e-6) < tol:
-            return Outcome(eigenvalue, i + 1, trace.times[i], f"eigenvalues(maxIter={max_iter}, "
-                           f"tol={tol:g})")
-        eigenvalue = tmp
-    if len(trace.values) >= max_iter:
-        return Outcome(eigenvalue, max_iter, trace.times[max_iter - 1],
-                       f"eigenvalues(maxIter={max_iter}, tol={tol:g})", "hit maxIter")
-    return None
-
-
-class _Recorder:
-    """A hessian-eigenthings operator that records every product of the wrapped one."""
-
-    def __init__(self, op: Any, trace: Trace, start: list[float], residual: bool,
-                 done: Done | None = None) -> None:
-        self.op, self.trace, self.start, self.residual = op, trace, start, residual
-        self.done = done
-
-    def make(self) -> Any:
-        import hessian_eigenthings as he
-
-        def matvec(v: Tensor) -> Tensor:
-            av = self.op.matvec(v)
-            lam = torch.dot(v, av)
-            self.trace.values.append(lam.item())
-            if self.residual:
-                self.trace.residuals.append(torch.linalg.vector_norm(av - lam * v).item())
-            self.trace.times.append(time.perf_counter() - self.start[0])
-            if self.done is not None and self.done(self.trace):
-                raise _TraceDone
-            return av
-
-        return he.LambdaOperator(matvec, self.op.size, self.op.device, self.op.dtype)
-
-
-def eigenthings_power_trace(problem: Problem, seed: int, cap: int,
-                            done: Done | None = None) -> Trace:
-    """hessian-eigenthings' ``power_iteration_one`` for ``cap`` products, recorded."""
-    import hessian_eigenthings as he
-
-    trace, start = Trace(), [0.0]
-    sync(problem.device)
-    start[0] = time.perf_counter()
-    op = eigenthings_operator(problem, "hessian")
-    trace.setup_seconds = time.perf_counter() - start[0]
-    try:
-        he.power_iteration_one(_Recorder(op, trace, start, True, done).make(), max_iter=cap,
-                               tol=0.0, seed=seed)
-    except _TraceDone:
-        pass
-    finally:
-        problem.clear_grads()
-    return trace
-
-
-def replay_eigenthings_power(trace: Trace, tol: float, max_iter: int = 100) -> Outcome | None:
-    """``power_iteration_one``'s stop: relative change and relative residual both below ``tol``;
-    it returns the current estimate."""
-    previous = 0.0
-    n = min(max_iter, len(trace.values))
-    for it in range(n):
-        lam, res = trace.values[it], trace.residuals[it]
-        denom = max(abs(lam), 1e-12)
-        if it > 0 and abs(lam - previous) / denom < tol and res / denom < tol:
-            return Outcome(lam, it + 1, trace.times[it],
-                           f"power_iteration_one(max_iter={max_iter}, tol={tol:g})")
-        previous = lam
-    if len(trace.values) >= max_iter:
-        return Outcome(trace.values[max_iter - 1], max_iter, trace.times[max_iter - 1],
-                       f"power_iteration_one(max_iter={max_iter}, tol={tol:g})", "hit max_iter")
-    return None
-
-
-def eigenthings_lanczos_prefix(problem: Problem, seed: int, cap: int) -> Trace:
-    """The top Ritz value after each step of one reorthogonalised Lanczos run (the same start
-    vector ``lanczos(seed=...)`` draws): the fewest steps ``max_iter`` needs for an error level."""
-    import hessian_eigenthings as he
-
-    op = eigenthings_operator(problem, "hessian")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v0 = torch.randn(op.size, dtype=op.dtype, generator=gen).to(op.device)
-    trace, start = Trace(), [time.perf_counter()]
-    try:
-        td = he.lanczos_tridiagonal(_Recorder(op, Trace(), start, False).make(), v0, cap,
-                                    reorthogonalize=True)
-    finally:
-        problem.clear_grads()
-    trace.values = top_ritz_prefix(td.alphas.double().cpu().numpy(),
-                                   td.betas.double().cpu().numpy())
-    return trace
-
-
-def eigenthings_lanczos(problem: Problem, seed: int, **kwargs: Any) -> Outcome:
-    """A real ``hessian_eigenthings.lanczos`` run; the first returned eigenvalue is the answer."""
-    import hessian_eigenthings as he
-
-    count = [0]
-    sync(problem.device)
-    start = time.perf_counter()
-    op = eigenthings_operator(problem, "hessian")
-    base = op.matvec
-
-    def counting(v: Tensor) -> Tensor:
-        count[0] += 1
-        return base(v)
-
-    op.matvec = counting
-    try:
-        result = he.lanczos(op, seed=seed, **kwargs)
-        value = float(result.eigenvalues[0])
-        converged = bool(result.converged[0])
-        sync(problem.device)
-    finally:
-        problem.clear_grads()
-    config = "lanczos(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
-    return Outcome(value, count[0], time.perf_counter() - start, config,
-                   "converged" if converged else "")
-
-
-def eigenthings_start(dim: int, seed: int) -> Tensor:
-    """The start vector hessian-eigenthings' ``lanczos``/``power_iteration_one`` draw for ``seed``."""
-    return torch.randn(dim, dtype=torch.float32, generator=torch.Generator().manual_seed(seed))
-
-
-def curvlinops_eigsh(problem: Problem, v0: Tensor, cap: int, **kwargs: Any) -> Outcome:
-    """scipy's ``eigsh`` (ARPACK) on curvlinops' operator, ``which="LA"``, stopped after ``cap``
-    products (``CapReached``)."""
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    count = [0]
-    sync(problem.device)
-    start = time.perf_counter()
-    scipy_op = curvlinops_operator(problem, "hessian").to_scipy()
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        count[0] += 1
-        if count[0] > cap:
-            raise CapReached(f"no answer within {cap} products")
-        return scipy_op.matvec(x)
-
-    op = LinearOperator(scipy_op.shape, matvec=matvec, dtype=scipy_op.dtype)
-    try:
-        values = eigsh(op, k=1, which="LA", v0=v0.detach().double().cpu().numpy(),
-                       return_eigenvectors=False, **kwargs)
-    finally:
-        problem.clear_grads()
-    config = "eigsh(k=1, which='LA'" + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
-    return Outcome(float(values[-1]), count[0], time.perf_counter() - start, config)
 
 
 def relative_error(value: float | None, reference: float) -> float:
@@ -479,54 +75,198 @@ def relative_error(value: float | None, reference: float) -> float:
     return abs(value - reference) / abs(reference)
 
 
-# -- spectral density ------------------------------------------------------------------------------
+def _config(call: str, **kwargs: Any) -> str:
+    return f"{call}(" + ", ".join(f"{k}={v!r}" if not isinstance(v, float) else f"{k}={v:g}"
+                                  for k, v in kwargs.items() if v is not None) + ")"
 
 
-def pyhessian_density(problem: Problem, num_probes: int, num_steps: int) -> int:
+# -- ours ---------------------------------------------------------------------------------------
+
+
+def ours(problem: Problem, batch: Any, *, tol: float, max_iter: int | None = None,
+         seed: int = 0) -> Outcome:
+    """``hessian_eigenvalues(model, loss_fn, batch, tol=..., max_iter=..., seed=...)``."""
+    from lr_batch_callback import hessian_eigenvalues
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "stopped at max_iter": tuned on purpose
+        res = hessian_eigenvalues(problem.model, problem.loss_fn, batch, tol=tol,
+                                  max_iter=max_iter, seed=seed)
+    seconds = time.perf_counter() - start
+    return Outcome(float(res.eigenvalues[0]), res.num_products, seconds,
+                   _config("hessian_eigenvalues", tol=tol, max_iter=max_iter), res.converged)
+
+
+def ours_measurement(problem: Problem, batch: Any, *, parts: tuple[bool, bool] = (False, False),
+                     seed: int = 0, config: Any = None) -> Outcome:
+    """``measure_spectrum(..., MonitorConfig(), parts=parts)``: what SpectrumMonitor runs."""
+    from lr_batch_callback import MonitorConfig
+    from lr_batch_callback.measurement import measure_spectrum
+
+    start = time.perf_counter()
+    record, _ = measure_spectrum(problem.model, problem.loss_fn, batch, config or MonitorConfig(),
+                                 parts=parts, seed=seed)
+    seconds = time.perf_counter() - start
+    return Outcome(record.lambda_max, record.estimate.num_products, seconds,
+                   f"measure_spectrum(MonitorConfig(), parts={parts})", record.estimate.converged)
+
+
+def reference_lambda(problem: Problem, batch: Any, *, tol: float = 1e-10, max_iter: int = 300,
+                     seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    """λ_max from long, tight runs of ours on a float64 copy of the model and batch."""
+    import copy
+
+    from lr_batch_callback import hessian_eigenvalues
+
+    model64 = copy.deepcopy(problem.model).double()
+    x, y = batch
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in seeds:
+            runs.append(hessian_eigenvalues(model64, problem.loss_fn, (x.double(), y), tol=tol,
+                                            max_iter=max_iter, seed=seed))
+    values = [float(r.eigenvalues[0]) for r in runs]
+    lam = max(values)
+    return {"lambda_max": lam, "seed_spread": (max(values) - min(values)) / abs(lam),
+            "products": [r.num_products for r in runs], "converged": all(r.converged for r in runs),
+            "error_bound": max(float(r.error_bounds[0]) for r in runs) / abs(lam),
+            "config": f"float64 copy, tol={tol:g}, max_iter={max_iter}, seeds {list(seeds)}"}
+
+
+# -- PyHessian ----------------------------------------------------------------------------------
+
+
+def pyhessian(problem: Problem, batch: Any, *, tol: float = 1e-3, max_iter: int = 100,
+              seed: int = 0) -> Outcome:
+    """``hessian(model, criterion, data=batch, cuda=False).eigenvalues(maxIter, tol)``: power
+    iteration; the start vector is drawn from the global generator, seeded here."""
     _require("PyHessian")
-    from pyhessian.hessian import hessian
+    import pyhessian.hessian  # noqa: F401 - the package re-exports the class under this name
 
+    ph = sys.modules["pyhessian.hessian"]
+    original = ph.hessian_vector_product
+    count = [0]
+
+    def counting(*args: Any) -> Any:
+        count[0] += 1
+        return original(*args)
+
+    ph.hessian_vector_product = counting
     try:
-        h = hessian(problem.model, problem.criterion, data=problem.batch,
-                    cuda=problem.device.type == "cuda")
-        h.density(iter=num_steps, n_v=num_probes)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            h = ph.hessian(problem.model, problem.criterion, data=batch, cuda=False)
+            values, _ = h.eigenvalues(maxIter=max_iter, tol=tol)
+            seconds = time.perf_counter() - start
     finally:
+        ph.hessian_vector_product = original
         problem.clear_grads()
-    return num_probes * num_steps
+    return Outcome(float(values[0]), count[0], seconds,
+                   _config("eigenvalues", maxIter=max_iter, tol=tol), count[0] < max_iter)
 
 
-def eigenthings_density(problem: Problem, num_probes: int, num_steps: int, seed: int) -> int:
+# -- hessian-eigenthings --------------------------------------------------------------------------
+
+
+def _eigenthings_operator(problem: Problem, batch: Any, count: list[int]) -> Any:
+    _require("hessian-eigenthings")
     import hessian_eigenthings as he
 
-    op = eigenthings_operator(problem, "hessian")
+    op = he.HessianOperator(problem.model, [batch], problem.loss_fn)
+    base = op.matvec
+
+    def counting(v: Tensor) -> Tensor:
+        count[0] += 1
+        return base(v)
+
+    op.matvec = counting
+    return op
+
+
+def eigenthings_power(problem: Problem, batch: Any, *, tol: float = 1e-4, max_iter: int = 100,
+                      seed: int = 0) -> Outcome:
+    """``power_iteration_one(HessianOperator(model, [batch], loss_fn), max_iter, tol, seed)``."""
+    import hessian_eigenthings as he
+
+    count = [0]
+    start = time.perf_counter()
     try:
-        he.spectral_density(op, num_runs=num_probes, lanczos_steps=num_steps, seed=seed)
+        op = _eigenthings_operator(problem, batch, count)
+        value, _, _, _, converged = he.power_iteration_one(op, max_iter=max_iter, tol=tol,
+                                                           seed=seed)
     finally:
         problem.clear_grads()
-    return num_probes * num_steps
+    return Outcome(float(value), count[0], time.perf_counter() - start,
+                   _config("power_iteration_one", max_iter=max_iter, tol=tol), bool(converged))
 
 
-def top_ritz_prefix(alpha: np.ndarray, beta: np.ndarray) -> list[float]:
-    """The largest Ritz value after each Lanczos step, from one run's tridiagonal."""
-    values = []
-    for m in range(1, len(alpha) + 1):
-        T = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
-        values.append(float(np.linalg.eigvalsh(T)[-1]))
-    return values
+def eigenthings_lanczos(problem: Problem, batch: Any, *, tol: float = 1e-4,
+                        max_iter: int | None = None, seed: int = 0) -> Outcome:
+    """``lanczos(op, k=1, which="LA", max_iter, tol, seed)``: exactly ``max_iter`` steps (default
+    ``2k``); ``tol`` only sets the ``converged`` flag."""
+    import hessian_eigenthings as he
+
+    count = [0]
+    start = time.perf_counter()
+    try:
+        op = _eigenthings_operator(problem, batch, count)
+        res = he.lanczos(op, k=1, which="LA", max_iter=max_iter, tol=tol, seed=seed)
+    finally:
+        problem.clear_grads()
+    return Outcome(float(res.eigenvalues[0]), count[0], time.perf_counter() - start,
+                   _config("lanczos", k=1, which="LA", max_iter=max_iter, tol=tol),
+                   bool(res.converged[0]))
 
 
-def eigenthings_lanczos_doubling(problem: Problem, seed: int, tol: float,
-                                 cap: int) -> tuple[Outcome, bool]:
-    """How a user without the answer drives ``lanczos``: ``max_iter`` = 2, 4, 8, ... until the
-    result says ``converged`` (its residual test at ``tol``); products summed over all runs."""
+def eigenthings_lanczos_doubling(problem: Problem, batch: Any, *, tol: float = 1e-4,
+                                 cap: int = 128, seed: int = 0) -> Outcome:
+    """How a user without the answer drives its ``lanczos``: ``max_iter`` = 2, 4, 8, ... until
+    ``converged``; products and time summed over the runs."""
     products, seconds, steps = 0, 0.0, 2
     while True:
-        o = eigenthings_lanczos(problem, seed, k=1, max_iter=min(steps, cap), which="LA", tol=tol)
-        products += o.products
-        seconds += o.seconds
-        if o.note == "converged" or steps >= cap:
-            return (Outcome(o.value, products, seconds, f"lanczos(k=1, which='LA', tol={tol:g}), "
-                            f"max_iter doubled up to {min(steps, cap)}",
-                            "" if o.note == "converged" else "never converged"),
-                    o.note == "converged")
-        steps *= 2
+        o = eigenthings_lanczos(problem, batch, tol=tol, max_iter=steps, seed=seed)
+        products, seconds = products + o.products, seconds + o.seconds
+        if o.converged or steps >= cap:
+            return Outcome(o.value, products, seconds,
+                           f"lanczos(k=1, which='LA', tol={tol:g}), max_iter 2, 4, … {steps}",
+                           o.converged)
+        steps = min(2 * steps, cap)
+
+
+# -- curvlinops + scipy eigsh ---------------------------------------------------------------------
+
+
+def curvlinops_eigsh(problem: Problem, batch: Any, *, tol: float = 0.0, ncv: int | None = None,
+                     seed: int | None = 0) -> Outcome:
+    """``eigsh(HessianLinearOperator(...).to_scipy(), k=1, which="LA", tol, ncv, v0)``; ``v0``
+    drawn from ``seed`` (``None``: ARPACK's own random start)."""
+    _require("curvlinops")
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    count = [0]
+    start = time.perf_counter()
+    try:
+        # check_deterministic=False: its construction-time self-test costs extra products.
+        scipy_op = HessianLinearOperator(problem.model, problem.criterion, problem.params, [batch],
+                                         check_deterministic=False).to_scipy()
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            count[0] += 1
+            return scipy_op.matvec(x)
+
+        op = LinearOperator(scipy_op.shape, matvec=matvec, dtype=scipy_op.dtype)
+        v0 = None
+        if seed is not None:
+            v0 = np.random.default_rng(seed).standard_normal(op.shape[0])
+        values = eigsh(op, k=1, which="LA", tol=tol, ncv=ncv, v0=v0, return_eigenvectors=False)
+    finally:
+        problem.clear_grads()
+    return Outcome(float(values[-1]), count[0], time.perf_counter() - start,
+                   _config("eigsh", k=1, which="LA", tol=tol, ncv=ncv), None)
+
+
+Method = Callable[..., Outcome]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lr_batch_callback import GGNOperator, HessianOperator, lanczos
+
 curvlinops = pytest.importorskip("curvlinops")
 
 
