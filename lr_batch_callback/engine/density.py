@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lr_batch_callback._checks import check_integer, check_positive_float
+from lr_batch_callback.engine.isolation import autocast_off
 from lr_batch_callback.engine.krylov import LanczosRecurrence
 from lr_batch_callback.engine.lanczos import tridiagonal_eigh
 from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
@@ -135,7 +136,13 @@ def slq_quadrature(
     Returns:
         ``(nodes, weights)``, float64 CPU tensors of shape ``(num_probes, num_steps)``.
     """
-    num_steps = min(check_integer(num_steps, "num_steps"), operator.dim)
+    with autocast_off({operator.device.type, "cpu"}):
+        return _quadrature(operator, probes, min(check_integer(num_steps, "num_steps"),
+                                                 operator.dim), batched, reorthogonalize)
+
+
+def _quadrature(operator: CurvatureOperator, probes: Tensor, num_steps: int, batched: bool,
+                reorthogonalize: bool) -> tuple[Tensor, Tensor]:
     Q = probes.to(device=operator.device, dtype=operator.dtype)
     groups = [Q] if batched else [Q[i : i + 1] for i in range(Q.shape[0])]
     nodes = torch.zeros((Q.shape[0], num_steps), dtype=torch.float64)

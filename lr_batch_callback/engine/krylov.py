@@ -52,9 +52,10 @@ __all__ = ["LanczosRecurrence", "random_rows"]
 
 
 def random_rows(num: int, dim: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """``num`` random Gaussian rows, drawn in float64 on the CPU (the same on every device and
-    rank for one seed), returned on ``like``'s device and dtype."""
-    rows = torch.randn(num, dim, generator=generator, dtype=torch.float64)
+    """``num`` random Gaussian rows, drawn on the CPU (the same on every device and rank for one
+    seed) in ``like``'s precision, returned on its device and dtype."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    rows = torch.randn(num, dim, generator=generator, dtype=dtype)
     return rows.to(device=like.device, dtype=like.dtype)
 
 
@@ -62,7 +63,7 @@ def _project_out(R: Tensor, Q: Tensor) -> Tensor:
     """Classical Gram–Schmidt: the coefficients ``R Qᵀ`` of ``R``'s rows on ``Q``'s rows; ``R`` is
     updated in place."""
     C = R @ Q.T
-    R.sub_(C @ Q)
+    R.addmm_(C, Q, alpha=-1)  # in place: no temporary of R's size
     return C
 
 
@@ -191,8 +192,9 @@ class LanczosRecurrence:
         synchronisation for ``b = 1``)."""
         n, b = self.chains, self.block
         j = self.steps
-        X = self._next
-        self._basis[:, self._rows(j)] = X
+        self._basis[:, self._rows(j)] = self._next
+        # The block's only copy is its basis row from now on (one vector less in memory).
+        X = self._next = self._basis[:, self._rows(j)]
         W = self.operator.matmat(X.reshape(n * b, -1)).reshape(n, b, -1)
         self.num_products += n * b
         # Norms in the working dtype: a float64 cast would copy every vector (45 MB per vector
@@ -203,7 +205,12 @@ class LanczosRecurrence:
         for c in range(n):
             Q, own, previous = self._orthogonal_to(c, j)
             first = _project_out(W[c], Q)
-            coeffs = (first + _project_out(W[c], Q)).to(torch.float64)
+            coeffs = first.to(torch.float64)
+            if self.capacity is not None:
+                # Full reorthogonalisation needs the second pass ("twice is enough"); the
+                # three-term recurrence only keeps local orthogonality, which one pass gives,
+                # and each pass reads every vector (200 ms a step at ResNet-18's 11M entries).
+                coeffs = coeffs + _project_out(W[c], Q).to(torch.float64)
             diag[c] = (coeffs[:, own] + coeffs[:, own].T) / 2
             if previous is not None:
                 # For a symmetric operator the projection on the previous block is G_{j-1}^T,
@@ -248,8 +255,8 @@ class LanczosRecurrence:
         tiny = torch.finfo(torch.float64).tiny
         if b == 1:
             norms = torch.linalg.vector_norm(R, dim=2).to(torch.float64)
-            X = R / norms.clamp_min(tiny).to(R.dtype).unsqueeze(2)
-            return norms.unsqueeze(2), norms, X
+            R.div_(norms.clamp_min(tiny).to(R.dtype).unsqueeze(2))  # in place: R becomes X_next
+            return norms.unsqueeze(2), norms, R
         G = torch.zeros((n, b, b), dtype=torch.float64, device=R.device)
         norms = torch.empty((n, b), dtype=torch.float64, device=R.device)
         X = torch.empty_like(R)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from lr_batch_callback._checks import check_bool, check_choice, check_integer, check_positive_float
+from lr_batch_callback.engine.isolation import autocast_off
 from lr_batch_callback.engine.krylov import LanczosRecurrence, random_rows
 from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
 from lr_batch_callback.engine.ritz import (
@@ -173,6 +174,8 @@ def _start_block(operator: CurvatureOperator, v0: Tensor | None, b: int,
         norms = torch.linalg.vector_norm(given, dim=1)
         usable = given[torch.isfinite(norms) & (norms > 0)][:b]
         rows[: usable.shape[0]] = usable
+    if b == 1:  # a norm, not a QR of a (P, 1) matrix in float64
+        return (rows / torch.linalg.vector_norm(rows)).reshape(1, 1, -1)
     Q, _ = torch.linalg.qr(rows.T.to(torch.float64))
     return Q.T.to(like).reshape(1, b, -1)
 
@@ -225,7 +228,15 @@ def lanczos(
         >>> [round(x, 6) for x in res.eigenvalues.tolist()]
         [50.0, 49.0]
     """
-    opts = options or LanczosOptions()
+    # The caller's autocast must not lower the precision of the orthogonalisation.
+    with autocast_off({operator.device.type, "cpu"}):
+        return _lanczos(operator, k, which, tol, max_iter, v0, seed, return_eigenvectors,
+                        options or LanczosOptions())
+
+
+def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_iter: int | None,
+             v0: Tensor | None, seed: int | None, return_eigenvectors: bool,
+             opts: LanczosOptions) -> LanczosResult:
     dim = operator.dim
     wanted = _validate(k, which, tol, max_iter, dim)
     check_bool(return_eigenvectors, "return_eigenvectors")
