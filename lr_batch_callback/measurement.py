@@ -51,7 +51,8 @@ class MonitorConfig:
         max_iter: cap on products per Lanczos run.
         lambda_min_every: include λ_min (the most negative eigenvalue) in every this many
             measurements; 0 (the default): never. λ_min sits at the edge of the bulk and costs
-            10–40 times λ_max.
+            10–40 times λ_max: raise ``max_iter`` (e.g. to 100) with it, or it stops at the cap
+            with ``converged=False``.
         density_every: include the spectral density in every this many measurements (the
             default 20: every 5,000 steps at the default cadence); 0: never. A density costs
             ``density_probes × density_steps`` products, about 20 λ_max measurements.

@@ -82,7 +82,8 @@ def isolated(model: nn.Module) -> Iterator[None]:
                     | {"cpu"})
 
     cuda_devices: list[int] = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    # is_initialized first: is_available loads NVML on a CUDA build without a GPU.
+    if torch.cuda.is_initialized() and torch.cuda.is_available():
         cuda_devices = list(range(torch.cuda.device_count()))
     python_state = random.getstate()
     numpy_state = np.random.get_state()
