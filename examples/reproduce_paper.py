@@ -51,7 +51,13 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lr_batch_callback import BatchSizeLaw, LRScaler, estimate_batch_size_law, scaling_factor, spectral_density
+from lr_batch_callback import (
+    BatchSizeLaw,
+    LRScaler,
+    estimate_batch_size_law,
+    scaling_factor,
+    spectral_density,
+)
 from lr_batch_callback.scaling import CurvatureRule, resolve_rule
 from models import VGG16, SmallCNN, WideResNet
 from paper_results import (
