@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 __all__ = [
@@ -177,8 +177,3 @@ def check_callable(value: T, name: str, signature: str, *, allow_none: bool = Tr
     if not callable(value):
         raise TypeError(f"{name} must be a callable {signature}, got {value!r}.")
     return value
-
-
-def check_each(values: Sequence[Any], check: Callable[[Any], Any]) -> list[Any]:
-    """Apply ``check`` to each value, returning the checked list."""
-    return [check(v) for v in values]

@@ -149,13 +149,6 @@ class LanczosRecurrence:
             return False
         return self.num_locked + (self.steps + 1) * self.block > self.capacity
 
-    def basis(self, chain: int = 0) -> Tensor:
-        """The ``(steps·b, P)`` basis rows of one chain (locked rows excluded; capacity mode)."""
-        if self.capacity is None:
-            raise RuntimeError("The three-term recurrence keeps no basis.")
-        lo = self.num_locked
-        return self._basis[chain, lo : lo + self.steps * self.block]
-
     def rows(self, chain: int = 0) -> Tensor:
         """Locked rows followed by the basis rows of one chain (capacity mode)."""
         if self.capacity is None:
