@@ -38,7 +38,7 @@ from lr_batch_callback.measurement import MonitorConfig, adam_preconditioner, me
 from lr_batch_callback.record import SpectrumRecord, TrainingContext
 from lr_batch_callback.scaling import LRScaler, is_adaptive
 
-__all__ = ["SpectrumMonitor", "loss_from_training_step"]
+__all__ = ["SpectrumMonitor", "loss_from_training_step", "resolve_loss"]
 
 # Strategies that shard parameters: the curvature of the full model is not at hand on a rank.
 _SHARDED = (FSDPStrategy, ModelParallelStrategy)
@@ -66,6 +66,33 @@ def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torc
             "LightningModule."
         )
     return out
+
+
+def resolve_loss(pl_module: LightningModule, loss_fn: LossFn | None,
+                 warnings_: WarningCache) -> LossFn:
+    """The loss whose curvature is measured: ``loss_fn``, else the module's
+    ``curvature_loss(batch)``, else ``training_step``'s loss (said once through ``warnings_``).
+
+    Raises:
+        MisconfigurationException: under manual optimization without either, where
+            ``training_step`` steps the optimizers itself.
+    """
+    if loss_fn is not None:
+        return loss_fn
+    if callable(getattr(pl_module, "curvature_loss", None)):
+        return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
+    if not pl_module.automatic_optimization:
+        raise MisconfigurationException(
+            "Manual optimization: training_step steps the optimizers itself, so it cannot serve "
+            "as the loss for Hessian measurements. Pass loss_fn= to the callback or define "
+            "`curvature_loss(self, batch)` on your LightningModule."
+        )
+    warnings_.warn(
+        "Spectrum monitoring measures the Hessian of `training_step`'s loss (logging "
+        "silenced). Define `curvature_loss(self, batch) -> Tensor` on the LightningModule or "
+        "pass loss_fn= to make it explicit."
+    )
+    return loss_from_training_step
 
 
 class SpectrumMonitor(StableCallback):
@@ -198,25 +225,6 @@ class SpectrumMonitor(StableCallback):
     def _part_due(self, part: str, every: int) -> bool:
         return bool(every) and self._since[part] + 1 >= every
 
-    def _resolve_loss(self, pl_module: LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        method = getattr(pl_module, "curvature_loss", None)
-        if callable(method):
-            return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "Manual optimization: training_step steps the optimizers itself, so it cannot serve "
-                "as the loss for Hessian measurements. Pass loss_fn= to the callback or define "
-                "`curvature_loss(self, batch)` on your LightningModule."
-            )
-        self._warnings.warn(
-            "Spectrum monitoring measures the Hessian of `training_step`'s loss (logging "
-            "silenced). Define `curvature_loss(self, batch) -> Tensor` on the LightningModule or "
-            "pass loss_fn= to make it explicit."
-        )
-        return loss_from_training_step
-
     @staticmethod
     def _blocker(pl_module: LightningModule) -> str | None:
         if any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules()):
@@ -239,7 +247,7 @@ class SpectrumMonitor(StableCallback):
             self._turn_off(blocker + ".")
             return
         try:
-            loss_fn = self._resolve_loss(pl_module)
+            loss_fn = resolve_loss(pl_module, self.loss_fn, self._warnings)
         except MisconfigurationException as exc:
             self._turn_off(str(exc))
             return

@@ -30,7 +30,7 @@ from lr_batch_callback._checks import check_batch_size, check_bool, check_callab
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics
-from lr_batch_callback.callbacks.monitor import loss_from_training_step
+from lr_batch_callback.callbacks.monitor import resolve_loss
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL
 from lr_batch_callback.engine.operators import LossFn
@@ -326,13 +326,6 @@ class BatchSizeLRScaling(StableCallback):
                 rule.law = self.law if usable else None
         return usable
 
-    def _law_loss(self, pl_module: LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        if callable(getattr(pl_module, "curvature_loss", None)):
-            return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
-        return loss_from_training_step
-
     def _refit_law(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._law_due = False
         law = None
@@ -342,8 +335,9 @@ class BatchSizeLRScaling(StableCallback):
             try:
                 dataset = getattr(trainer.train_dataloader, "dataset", None)
                 size = len(dataset) if isinstance(dataset, Sized) else None
+                loss_fn = resolve_loss(pl_module, self.loss_fn, self._warnings)
                 law = fit_from_pool(
-                    pl_module, self._law_loss(pl_module), self._pool, self.law_config,
+                    pl_module, loss_fn, self._pool, self.law_config,
                     curvature="hessian", dataset_size=size, seed=trainer.global_step,
                     tol=DEFAULT_TOL, max_iter=50)
             except Exception as exc:
