@@ -85,7 +85,7 @@ def _import_for(task: str) -> None:
     """Import everything the task needs *before* the baseline: imports are not the task's memory
     (``lr_batch_callback`` pulls in Lightning, hundreds of MiB of resident modules)."""
     import lr_batch_callback  # noqa: F401
-    import lr_batch_callback.measurement  # noqa: F401
+    import lr_batch_callback.monitoring.measurement  # noqa: F401
     from benchmarks import methods  # noqa: F401
 
     if task == "pyhessian":

@@ -102,11 +102,11 @@ def ours_measurement(problem: Problem, batch: Any, *, parts: tuple[bool, bool] =
                      seed: int = 0, config: Any = None) -> Outcome:
     """``measure_spectrum(..., MonitorConfig(), parts=parts)``: what SpectrumMonitor runs."""
     from lr_batch_callback import MonitorConfig
-    from lr_batch_callback.measurement import measure_spectrum
+    from lr_batch_callback.monitoring.measurement import Parts, TrainingState, measure_spectrum
 
     start = time.perf_counter()
     record, _ = measure_spectrum(problem.model, problem.loss_fn, batch, config or MonitorConfig(),
-                                 parts=parts, seed=seed)
+                                 state=TrainingState(), parts=Parts(*parts), seed=seed)
     seconds = time.perf_counter() - start
     return Outcome(record.lambda_max, record.estimate.num_products, seconds,
                    f"measure_spectrum(MonitorConfig(), parts={parts})", record.estimate.converged)

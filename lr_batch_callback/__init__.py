@@ -27,9 +27,9 @@ from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, GGNOperator, HessianOperator
 from lr_batch_callback.law import BatchSizeLaw, estimate_batch_size_law, fit_batch_size_law
 from lr_batch_callback.law.online import LawConfig
-from lr_batch_callback.measurement import MonitorConfig
-from lr_batch_callback.record import SpectrumRecord
-from lr_batch_callback.reporting import load_spectra, plot_spectra
+from lr_batch_callback.monitoring.measurement import MonitorConfig
+from lr_batch_callback.monitoring.record import SpectrumRecord
+from lr_batch_callback.monitoring.reporting import load_spectra, plot_spectra
 from lr_batch_callback.scaling import LRScaler, scaling_factor
 
 if TYPE_CHECKING:

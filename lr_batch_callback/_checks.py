@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 __all__ = [
+    "CURVATURES",
     "check_batch_size",
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_curvature",
     "check_factor",
     "check_fraction",
     "check_integer",
@@ -25,6 +27,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: The curvatures every estimate accepts: the Hessian and the Generalised Gauss-Newton.
+CURVATURES = ("hessian", "ggn")
 
 
 def _is_integral(value: object) -> bool:
@@ -177,3 +182,10 @@ def check_callable(value: T, name: str, signature: str, *, allow_none: bool = Tr
     if not callable(value):
         raise TypeError(f"{name} must be a callable {signature}, got {value!r}.")
     return value
+
+
+def check_curvature(value: object) -> str:
+    """``value`` as one of :data:`CURVATURES` (a did-you-mean for a near miss)."""
+    return check_choice(value, "curvature", CURVATURES,
+                        hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised "
+                             "Gauss-Newton.")

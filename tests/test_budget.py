@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 
 from lr_batch_callback import MonitorConfig, SpectrumMonitor
-from lr_batch_callback.budget import Budget, Plan
-from lr_batch_callback.measurement import MeasurementCost
+from lr_batch_callback.monitoring.budget import Budget, Plan
+from lr_batch_callback.monitoring.measurement import MeasurementCost
 from tests.lightning_helpers import TinyModule
 
 

@@ -60,3 +60,30 @@ def test_no_public_callable_takes_more_than_ten_parameters() -> None:
         target = obj.__init__ if inspect.isclass(obj) else obj
         params = [p for p in inspect.signature(target).parameters if p != "self"]
         assert len(params) <= 10, (name, params)
+
+
+KERNEL = ("krylov", "ritz", "lanczos", "density")
+OPERATOR_BASE = {"lr_batch_callback._checks", "lr_batch_callback.engine.linear_operator",
+                 "lr_batch_callback.engine.precision"}
+
+
+def test_the_lanczos_kernel_imports_only_the_operator_base() -> None:
+    # The kernel knows no model, no data and no isolation: only the operator it is handed.
+    siblings = {f"lr_batch_callback.engine.{name}" for name in KERNEL}
+    for name in KERNEL:
+        own = {n for n in _imports(PACKAGE / "engine" / f"{name}.py") if n.startswith("lr_batch_callback")}
+        assert own <= OPERATOR_BASE | siblings, (name, sorted(own - OPERATOR_BASE - siblings))
+
+
+def test_curvatures_are_defined_once() -> None:
+    hits = [path for path in PACKAGE.rglob("*.py") if "CURVATURES = " in path.read_text()]
+    assert [p.name for p in hits] == ["_checks.py"], hits
+
+
+def test_monitoring_knows_no_lightning_and_the_monitor_builds_no_record() -> None:
+    # One measurement's record is built complete in monitoring/measurement.py; the Lightning
+    # hook only sends it on (no dataclasses.replace filling in step, epoch or context).
+    for path in (PACKAGE / "monitoring").glob("*.py"):
+        assert not any(n.startswith("lightning") for n in _imports(path)), path
+    monitor = (PACKAGE / "callbacks" / "monitor.py").read_text()
+    assert "SpectrumRecord(" not in monitor and "replace(record" not in monitor

@@ -13,7 +13,7 @@ from lr_batch_callback.callbacks.monitor import SpectrumMonitor
 from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling
 from lr_batch_callback.callbacks.schedule import BatchSizeSchedule
 from lr_batch_callback.law.online import LawConfig
-from lr_batch_callback.measurement import MonitorConfig
+from lr_batch_callback.monitoring.measurement import MonitorConfig
 
 __all__ = [
     "BatchSizeLRCallback",

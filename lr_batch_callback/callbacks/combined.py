@@ -23,7 +23,7 @@ from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.law.model import BatchSizeLaw
 from lr_batch_callback.law.online import LawConfig
-from lr_batch_callback.measurement import MonitorConfig
+from lr_batch_callback.monitoring.measurement import MonitorConfig
 
 __all__ = ["BatchSizeLRCallback"]
 

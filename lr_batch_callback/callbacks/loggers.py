@@ -28,8 +28,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lr_batch_callback.record import SpectrumRecord
-from lr_batch_callback.reporting import SPECTRA_DIRNAME, plot_spectra, tensorboard_density, write_record
+from lr_batch_callback.monitoring.record import SpectrumRecord
+from lr_batch_callback.monitoring.reporting import (
+    SPECTRA_DIRNAME,
+    plot_spectra,
+    tensorboard_density,
+    write_record,
+)
 
 __all__ = ["log_metrics", "publish_record", "spectra_directories"]
 

@@ -1,7 +1,8 @@
 """``SpectrumMonitor``: periodic batch-curvature spectra of a Lightning run, logged everywhere.
 
-The hook glue only: the measurement itself is :func:`~lr_batch_callback.measurement.measure_spectrum`,
-the time budget :class:`~lr_batch_callback.budget.Budget`, the outputs
+The hook glue only: the measurement itself is
+:func:`~lr_batch_callback.monitoring.measurement.measure_spectrum`, the time budget
+:class:`~lr_batch_callback.monitoring.budget.Budget`, the outputs
 :mod:`~lr_batch_callback.callbacks.loggers`. It observes and never acts: the learning rate is
 the business of :class:`~lr_batch_callback.callbacks.BatchSizeLRScaling`.
 
@@ -14,9 +15,7 @@ crashed run.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,71 +27,26 @@ from torch import nn
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_bool, check_callable, check_integer
-from lr_batch_callback.budget import Budget
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics, publish_record, spectra_directories
+from lr_batch_callback.callbacks.loss import resolve_loss
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
-from lr_batch_callback.measurement import MonitorConfig, adam_preconditioner, measure_spectrum
-from lr_batch_callback.record import SpectrumRecord, TrainingContext
-from lr_batch_callback.scaling import LRScaler, is_adaptive
+from lr_batch_callback.monitoring.budget import Budget
+from lr_batch_callback.monitoring.measurement import (
+    MonitorConfig,
+    Parts,
+    TrainingState,
+    measure_spectrum,
+)
+from lr_batch_callback.monitoring.record import SpectrumRecord
+from lr_batch_callback.scaling import LRScaler
 
-__all__ = ["SpectrumMonitor", "loss_from_training_step", "resolve_loss"]
+__all__ = ["SpectrumMonitor"]
 
 # Strategies that shard parameters: the curvature of the full model is not at hand on a rank.
 _SHARDED = (FSDPStrategy, ModelParallelStrategy)
-
-
-def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torch.Tensor:
-    """The loss returned by ``module.training_step`` with its ``self.log`` calls silenced."""
-    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    module.log = lambda *args, **kwargs: None
-    module.log_dict = lambda *args, **kwargs: None
-    try:
-        out = module.training_step(batch, batch_idx)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
-    if isinstance(out, dict):
-        out = out.get("loss")
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            "training_step did not return a loss tensor (or a dict with 'loss'), so the Hessian "
-            "cannot be measured. Pass loss_fn= or define `curvature_loss(self, batch)` on the "
-            "LightningModule."
-        )
-    return out
-
-
-def resolve_loss(pl_module: LightningModule, loss_fn: LossFn | None,
-                 warnings_: WarningCache) -> LossFn:
-    """The loss whose curvature is measured: ``loss_fn``, else the module's
-    ``curvature_loss(batch)``, else ``training_step``'s loss (said once through ``warnings_``).
-
-    Raises:
-        MisconfigurationException: under manual optimization without either, where
-            ``training_step`` steps the optimizers itself.
-    """
-    if loss_fn is not None:
-        return loss_fn
-    if callable(getattr(pl_module, "curvature_loss", None)):
-        return lambda module, batch: module.curvature_loss(batch)  # type: ignore[operator]
-    if not pl_module.automatic_optimization:
-        raise MisconfigurationException(
-            "Manual optimization: training_step steps the optimizers itself, so it cannot serve "
-            "as the loss for Hessian measurements. Pass loss_fn= to the callback or define "
-            "`curvature_loss(self, batch)` on your LightningModule."
-        )
-    warnings_.warn(
-        "Spectrum monitoring measures the Hessian of `training_step`'s loss (logging "
-        "silenced). Define `curvature_loss(self, batch) -> Tensor` on the LightningModule or "
-        "pass loss_fn= to make it explicit."
-    )
-    return loss_from_training_step
 
 
 class SpectrumMonitor(StableCallback):
@@ -219,7 +173,7 @@ class SpectrumMonitor(StableCallback):
         if not plan.run:
             self._skip(trainer, over_budget=True)
             return
-        self._measure(trainer, pl_module, batch, (plan.lambda_min, plan.density))
+        self._measure(trainer, pl_module, batch, plan.parts)
 
     # -- measuring --------------------------------------------------------------------------------
     def _part_due(self, part: str, every: int) -> bool:
@@ -241,7 +195,7 @@ class SpectrumMonitor(StableCallback):
         rank_zero_warn(f"Hessian monitoring turned off: {reason}")
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
-                 parts: tuple[bool, bool]) -> None:
+                 parts: Parts) -> None:
         blocker = self._blocker(pl_module)
         if blocker:
             self._turn_off(blocker + ".")
@@ -251,18 +205,14 @@ class SpectrumMonitor(StableCallback):
         except MisconfigurationException as exc:
             self._turn_off(str(exc))
             return
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        precondition = None
-        if optimizer is not None and is_adaptive(optimizer):
-            precondition = _bind(adam_preconditioner, optimizer)
         try:
             with warnings.catch_warnings():
                 if not trainer.is_global_zero:
                     warnings.simplefilter("ignore")
                 record, cost = measure_spectrum(
-                    pl_module, loss_fn, batch, self.config, parts=parts, seed=self.measurements,
-                    distributed=trainer.world_size > 1, batch_size_fn=self.reader.fn,
-                    preconditioner=precondition)
+                    pl_module, loss_fn, batch, self.config, state=self._state(trainer),
+                    parts=parts, seed=self.measurements, distributed=trainer.world_size > 1,
+                    batch_size_fn=self.reader.fn)
         except Exception as exc:  # a failed estimate is a warning, never a crashed run
             if isinstance(exc, (ValueError, TypeError)):
                 # A configuration problem (k > P, no trainable parameters, a loss that is not a
@@ -273,8 +223,6 @@ class SpectrumMonitor(StableCallback):
             self._skip(trainer, over_budget=False)
             return
         self._account(record, cost, parts)
-        record = dataclasses.replace(record, step=trainer.global_step, epoch=trainer.current_epoch,
-                                     context=self._context(trainer, record))
         self.last = record
         self._show(pl_module, record)
         ratio = record.context.stability
@@ -294,27 +242,28 @@ class SpectrumMonitor(StableCallback):
                 publish_record(trainer, record, self._destinations, dim)
             self._say_cadence(trainer)
 
-    def _account(self, record: SpectrumRecord, cost: Any, parts: tuple[bool, bool]) -> None:
+    def _account(self, record: SpectrumRecord, cost: Any, parts: Parts) -> None:
         self.measurements += 1
         density_products = record.density.num_products if record.density else 0
         eig_products = record.estimate.num_products - density_products
-        products = {"lambda_max": 0 if parts[0] else eig_products,
+        products = {"lambda_max": 0 if parts.lambda_min else eig_products,
                     "lambda_min": max(eig_products - self.budget.last_products["lambda_max"], 0)
-                    if parts[0] else 0,
+                    if parts.lambda_min else 0,
                     "density": density_products}
         self.budget.record(record.estimate.seconds, cost, products)
-        for part, included in zip(("lambda_min", "density"), parts, strict=True):
+        for part, included in (("lambda_min", parts.lambda_min), ("density", parts.density)):
             self._since[part] = 0 if included else self._since[part] + 1
 
-    def _context(self, trainer: Trainer, record: SpectrumRecord) -> TrainingContext:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if optimizer is None:
-            return TrainingContext(effective_batch_size=self._effective)
+    def _state(self, trainer: Trainer) -> TrainingState:
+        state = TrainingState(step=trainer.global_step, epoch=trainer.current_epoch,
+                              effective_batch_size=self._effective)
+        if not trainer.optimizers:
+            return state
+        optimizer = trainer.optimizers[0]
         scaler = LRScaler.attached_to(optimizer)
         lr = scaler.effective_lrs()[0] if scaler else float(optimizer.param_groups[0]["lr"])
-        factor = scaler.factors[0] if scaler else 1.0
-        return TrainingContext(effective_batch_size=self._effective, lr=lr, lr_factor=factor,
-                               stability=stability(optimizer, lr, record))
+        return dataclasses.replace(state, optimizer=optimizer, lr=lr,
+                                   lr_factor=scaler.factors[0] if scaler else 1.0)
 
     def _skip(self, trainer: Trainer, over_budget: bool) -> None:
         self.skipped += 1
@@ -349,23 +298,3 @@ class SpectrumMonitor(StableCallback):
                           on_epoch=False)
         except Exception:  # a hook without logging support (e.g. outside a fit loop)
             pass
-
-
-def _bind(fn: Callable[..., Any], optimizer: torch.optim.Optimizer) -> Callable[[list[Any]], Any]:
-    return lambda params: fn(optimizer, params)
-
-
-def stability(optimizer: torch.optim.Optimizer, lr: float, record: SpectrumRecord) -> float | None:
-    r"""``lr × sharpness / threshold`` (1 is the edge of stability; see
-    :class:`~lr_batch_callback.record.TrainingContext`): SGD-family uses λ_max and
-    :math:`2(1+\mu)`, Adam-family the preconditioned λ_max and :math:`(2+2\beta_1)/(1-\beta_1)`."""
-    group = optimizer.param_groups[0]
-    adaptive = is_adaptive(optimizer)
-    if adaptive is False:
-        momentum = float(group.get("momentum", 0.0) or 0.0)
-        return lr * record.lambda_max / (2.0 * (1.0 + momentum))
-    sharpness = record.estimate.preconditioned_lambda_max
-    if adaptive and sharpness is not None and math.isfinite(sharpness):
-        beta1 = float(group.get("betas", (0.9, 0.999))[0])
-        return lr * sharpness * (1.0 - beta1) / (2.0 + 2.0 * beta1)
-    return None

@@ -30,7 +30,7 @@ from lr_batch_callback._checks import check_batch_size, check_bool, check_callab
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics
-from lr_batch_callback.callbacks.monitor import resolve_loss
+from lr_batch_callback.callbacks.loss import resolve_loss
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL
 from lr_batch_callback.engine.operators import LossFn

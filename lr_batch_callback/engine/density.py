@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from lr_batch_callback._checks import check_integer, check_positive_float
-from lr_batch_callback.engine.isolation import autocast_off
 from lr_batch_callback.engine.krylov import LanczosRecurrence
 from lr_batch_callback.engine.lanczos import tridiagonal_eigh
-from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
+from lr_batch_callback.engine.linear_operator import CurvatureOperator, fresh_seed
+from lr_batch_callback.engine.precision import autocast_off
 
 __all__ = ["DEFAULT_PROBES", "DEFAULT_STEPS", "Quadrature", "SpectralDensity", "broaden",
            "rademacher_probes", "slq", "slq_quadrature"]

@@ -30,17 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lr_batch_callback.engine.precision import autocast_off
+
 __all__ = ["autocast_off", "isolated"]
-
-
-def autocast_off(device_types: set[str]) -> contextlib.ExitStack:
-    """Autocast disabled on each of ``device_types`` (products in the parameters' own dtype)."""
-    stack = contextlib.ExitStack()
-    for device_type in sorted(device_types):
-        if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
-            with contextlib.suppress(RuntimeError):
-                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-    return stack
 
 
 def _eager_stance() -> contextlib.AbstractContextManager[Any]:

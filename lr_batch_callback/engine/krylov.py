@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lr_batch_callback.engine.operators import CurvatureOperator, NonFiniteCurvatureError
+from lr_batch_callback.engine.linear_operator import CurvatureOperator, NonFiniteCurvatureError
 
 __all__ = ["LanczosRecurrence", "random_rows"]
 

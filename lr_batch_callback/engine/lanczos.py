@@ -51,9 +51,9 @@ import torch
 from torch import Tensor
 
 from lr_batch_callback._checks import check_bool, check_choice, check_integer, check_positive_float
-from lr_batch_callback.engine.isolation import autocast_off
 from lr_batch_callback.engine.krylov import LanczosRecurrence, random_rows
-from lr_batch_callback.engine.operators import CurvatureOperator, fresh_seed
+from lr_batch_callback.engine.linear_operator import CurvatureOperator, fresh_seed
+from lr_batch_callback.engine.precision import autocast_off
 from lr_batch_callback.engine.ritz import (
     complete,
     error_bounds,

@@ -36,23 +36,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lr_batch_callback._checks import check_choice, check_integer
+from lr_batch_callback._checks import check_curvature, check_integer
 from lr_batch_callback.engine.batching import BatchSizeFn, batch_size_of, split_batch
 from lr_batch_callback.engine.differentiable import (
     MissingDoubleBackwardError,
     explain_missing_double_backward,
     twice_differentiable,
 )
-from lr_batch_callback.engine.isolation import autocast_off, isolated
+from lr_batch_callback.engine.isolation import isolated
 from lr_batch_callback.engine.linear_operator import (
     CurvatureOperator,
     NonFiniteCurvatureError,
     fresh_seed,
 )
 from lr_batch_callback.engine.outputs import OutputSelector, select_output
+from lr_batch_callback.engine.precision import autocast_off
 
 __all__ = [
-    "CURVATURES",
     "CurvatureOperator",
     "GGNOperator",
     "HessianOperator",
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-CURVATURES = ("hessian", "ggn")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +418,7 @@ class GGNOperator(_ModelCurvature):
 def make_operator(curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                   **kwargs: Any) -> _ModelCurvature:
     """The operator for ``curvature`` in ``("hessian", "ggn")``; ``kwargs`` as the classes take."""
-    check_choice(curvature, "curvature", CURVATURES,
-                 hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised Gauss-Newton.")
+    check_curvature(curvature)
     if curvature == "hessian":
         kwargs.pop("ggn_output", None)
         return HessianOperator(model, loss_fn, batches, **kwargs)

@@ -12,11 +12,11 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lr_batch_callback._checks import check_curvature
 from lr_batch_callback.law.model import (
     BatchSizeLaw,
     _as_vector,
-    _check_curvature,
-    _check_dataset_size,
+        _check_dataset_size,
     _excess_variance_factor,
 )
 
@@ -67,7 +67,7 @@ def fit_batch_size_law(
         >>> round(law.lambda_emp, 6), round(law.noise_coefficient, 6), law.r_squared
         (10.0, 40.0, 1.0)
     """
-    _check_curvature(curvature)
+    check_curvature(curvature)
     sizes = _as_vector(batch_sizes, "batch_sizes")
     values = _as_vector(eigenvalues, "eigenvalues")
     if sizes.size != values.size:

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lr_batch_callback._checks import check_integer
+from lr_batch_callback._checks import check_curvature, check_integer
 from lr_batch_callback.engine.batching import batch_size_of, index_batch
 from lr_batch_callback.engine.estimate import hessian_eigenvalues
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.law.fit import fit_batch_size_law
-from lr_batch_callback.law.model import BatchSizeLaw, _check_curvature, _check_dataset_size
+from lr_batch_callback.law.model import BatchSizeLaw, _check_dataset_size
 
 __all__ = ["estimate_batch_size_law"]
 
@@ -136,7 +136,7 @@ def estimate_batch_size_law(
         >>> sorted(set(law.batch_sizes))
         [2.0, 6.0, 16.0, 45.0, 128.0]
     """  # noqa: E501
-    _check_curvature(curvature)
+    check_curvature(curvature)
     check_integer(draws, "draws", hint="e.g. draws=4")
     n = batch_size_of(batch)
     sizes = _check_batch_sizes(batch_sizes, n)

@@ -31,11 +31,9 @@ from typing import Any, overload
 import numpy as np
 from numpy.typing import NDArray
 
-from lr_batch_callback._checks import check_choice
+from lr_batch_callback._checks import check_curvature
 
-__all__ = ["CURVATURES", "BatchSizeLaw", "curvature_lr_factor"]
-
-CURVATURES = ("hessian", "ggn")
+__all__ = ["BatchSizeLaw", "curvature_lr_factor"]
 
 
 # -- validation helpers ----------------------------------------------------------------------------
@@ -53,11 +51,6 @@ def _as_vector(values: Any, name: str) -> NDArray[np.float64]:
             f"{array.shape}. Flatten repeated draws into one observation each."
         )
     return array
-
-
-def _check_curvature(curvature: str) -> None:
-    check_choice(curvature, "curvature", CURVATURES,
-                 hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised Gauss-Newton.")
 
 
 def _check_dataset_size(dataset_size: float | None, largest_batch: float | None) -> float | None:
@@ -172,7 +165,7 @@ class BatchSizeLaw:
             )
         object.__setattr__(self, "batch_sizes", sizes)
         object.__setattr__(self, "eigenvalues", values)
-        _check_curvature(self.curvature)
+        check_curvature(self.curvature)
 
     # -- predictions ---------------------------------------------------------------------------
     @overload

@@ -4,14 +4,13 @@
 curvature operator on the batch *once* and runs on it everything that is due — λ_max (every
 time), λ_min (every ``lambda_min_every``-th), the density (every ``density_every``-th) and, for
 Adam-family optimizers, the preconditioned sharpness — returning a typed
-:class:`~lr_batch_callback.record.SpectrumRecord` and the measured costs. Nothing here knows
+:class:`~lr_batch_callback.monitoring.record.SpectrumRecord` and the measured costs. Nothing here knows
 Lightning; the :class:`~lr_batch_callback.callbacks.SpectrumMonitor` callback decides when.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from lr_batch_callback._checks import (
     check_bool,
-    check_choice,
+    check_curvature,
     check_fraction,
     check_integer,
     check_positive_float,
@@ -28,11 +27,18 @@ from lr_batch_callback._checks import (
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
-from lr_batch_callback.engine.operators import CURVATURES, CurvatureOperator, LossFn, make_operator
-from lr_batch_callback.record import DensityQuadrature, SpectrumEstimate, SpectrumRecord
+from lr_batch_callback.engine.operators import CurvatureOperator, LossFn, make_operator
+from lr_batch_callback.monitoring.record import (
+    DensityQuadrature,
+    SpectrumEstimate,
+    SpectrumRecord,
+    TrainingContext,
+)
+from lr_batch_callback.monitoring.stability import stability
+from lr_batch_callback.scaling.optimizers import is_adaptive
 
-__all__ = ["MONITOR_TOL", "MeasurementCost", "MonitorConfig", "adam_preconditioner",
-           "measure_spectrum"]
+__all__ = ["MONITOR_TOL", "MeasurementCost", "MonitorConfig", "Parts", "TrainingState",
+           "adam_preconditioner", "measure_spectrum"]
 
 #: The monitor's eigenvalue tolerance: 1%, well inside the batch-to-batch scatter of λ_max
 #: (tens of percent), for 4-6 products instead of 7-9 at the functions' 1e-3.
@@ -75,9 +81,7 @@ class MonitorConfig:
     save_spectra: bool = True
 
     def __post_init__(self) -> None:
-        check_choice(self.curvature, "curvature", CURVATURES,
-                     hint="Use 'hessian' for the full Hessian or 'ggn' for the Generalised "
-                          "Gauss-Newton.")
+        check_curvature(self.curvature)
         check_integer(self.k, "k")
         check_positive_float(self.tol, "tol", example="1e-3")
         wanted = 2 * self.k if self.lambda_min_every else self.k
@@ -107,74 +111,110 @@ def _preconditioned(operator: CurvatureOperator, scale: Tensor) -> CurvatureOper
                                            device=operator.device)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The occasional parts a measurement includes besides λ_max."""
+
+    lambda_min: bool = False
+    density: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What the run says about itself at a measurement (the record's step, epoch and context).
+
+    Attributes:
+        step: the optimizer step after which the measurement runs.
+        epoch: the epoch.
+        effective_batch_size: samples per optimizer step, when known.
+        optimizer: the (first) optimizer; Adam-family ones also get the preconditioned sharpness.
+        lr: the learning rate its next step uses (first param group, batch-size factor included).
+        lr_factor: the batch-size LR factor in force.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    effective_batch_size: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    lr: float | None = None
+    lr_factor: float = 1.0
+
+
 def measure_spectrum(
     model: nn.Module,
     loss_fn: LossFn,
     batch: Any,
     config: MonitorConfig,
     *,
-    parts: tuple[bool, bool],
+    state: TrainingState,
+    parts: Parts,
     seed: int,
     distributed: bool = False,
     batch_size_fn: BatchSizeFn | None = None,
-    preconditioner: Callable[[list[Tensor]], Tensor | None] | None = None,
 ) -> tuple[SpectrumRecord, MeasurementCost]:
     """Measure the spectrum of ``model``'s batch curvature on ``batch`` (one graph build).
 
     Args:
         model, loss_fn, batch: as :func:`~lr_batch_callback.hessian_eigenvalues` takes them.
         config: what to measure.
-        parts: ``(lambda_min, density)``: which of the occasional parts this measurement has.
+        state: the run at this point: the record's step, epoch and context; with an
+            Adam-family optimizer the preconditioned sharpness is measured too.
+        parts: which of the occasional parts this measurement has.
         seed: seeds the start vectors and the probes.
         distributed: average over the ranks of the default process group.
         batch_size_fn: counts the samples of a batch.
-        preconditioner: maps the operator's parameters to :math:`P^{-1/2}` as a flat vector
-            (Adam's ``1/sqrt(sqrt(v̂)+ε)``, see :func:`adam_preconditioner`) to also measure the
-            preconditioned sharpness; it may return ``None``.
 
     Returns:
-        ``(record, cost)``: the record has step and epoch 0 and an empty context (the caller
-        fills them with :func:`dataclasses.replace`).
+        ``(record, cost)``: the complete record, and the measured costs for the budget.
     """
-    with_min, with_density = parts
     begin = time.perf_counter()
     operator = make_operator(config.curvature, model, loss_fn, [batch], batch_size_fn=batch_size_fn,
                              distributed=distributed)
     built = time.perf_counter()
     with operator:
         quiet = LanczosOptions(warn_unconverged=False)
-        result = lanczos(operator, config.k, which="both" if with_min else "largest",
+        result = lanczos(operator, config.k, which="both" if parts.lambda_min else "largest",
                          tol=config.tol, max_iter=config.max_iter, seed=seed, options=quiet)
-        density = None
-        if with_density:
-            quadrature = slq(operator, config.density_probes, config.density_steps,
-                             seed=10_000 + seed)
-            density = DensityQuadrature(
-                nodes=quadrature.nodes.tolist(), weights=quadrature.weights.tolist(),
-                sigma=quadrature.density().sigma, num_products=quadrature.num_products)
-        sharpness = None
-        scale = preconditioner(list(operator.params)) if preconditioner is not None else None
-        if scale is not None:
-            pre = lanczos(_preconditioned(operator, scale.to(operator.device, operator.dtype)),
-                          tol=config.tol, max_iter=config.max_iter, seed=20_000 + seed,
-                          options=quiet)
-            sharpness = float(pre.eigenvalues[0])
+        density = _density(operator, config, seed) if parts.density else None
+        sharpness = _preconditioned_sharpness(operator, config, state.optimizer, seed)
         products = operator.num_products
         samples = int(operator.total_samples)
     seconds = time.perf_counter() - begin
     values = result.eigenvalues.tolist()
-    top = values[: config.k]
     estimate = SpectrumEstimate(
-        eigenvalues=top, lambda_min=float(values[-1]) if with_min else None,
+        eigenvalues=values[: config.k], lambda_min=float(values[-1]) if parts.lambda_min else None,
         error_bounds=result.error_bounds.tolist(), converged=bool(result.converged),
         num_products=products, seconds=seconds, num_samples=samples,
         preconditioned_lambda_max=sharpness,
     )
-    record = SpectrumRecord(step=0, epoch=0, curvature=config.curvature, estimate=estimate,
-                            density=density)
+    context = TrainingContext(
+        effective_batch_size=state.effective_batch_size, lr=state.lr, lr_factor=state.lr_factor,
+        stability=stability(state.optimizer, state.lr, estimate))
+    record = SpectrumRecord(step=state.step, epoch=state.epoch, curvature=config.curvature,
+                            estimate=estimate, context=context, density=density)
     cost = MeasurementCost(build_seconds=built - begin,
                            seconds_per_product=(seconds - (built - begin)) / max(products, 1))
     return record, cost
+
+
+def _density(operator: CurvatureOperator, config: MonitorConfig, seed: int) -> DensityQuadrature:
+    quadrature = slq(operator, config.density_probes, config.density_steps, seed=10_000 + seed)
+    return DensityQuadrature(nodes=quadrature.nodes.tolist(), weights=quadrature.weights.tolist(),
+                             sigma=quadrature.density().sigma, num_products=quadrature.num_products)
+
+
+def _preconditioned_sharpness(operator: Any, config: MonitorConfig,
+                              optimizer: torch.optim.Optimizer | None, seed: int) -> float | None:
+    """λ_max of :math:`P^{-1/2} H P^{-1/2}` for Adam-family optimizers; ``None`` otherwise."""
+    if optimizer is None or not is_adaptive(optimizer):
+        return None
+    scale = adam_preconditioner(optimizer, list(operator.params))
+    if scale is None:
+        return None
+    pre = lanczos(_preconditioned(operator, scale.to(operator.device, operator.dtype)),
+                  tol=config.tol, max_iter=config.max_iter, seed=20_000 + seed,
+                  options=LanczosOptions(warn_unconverged=False))
+    return float(pre.eigenvalues[0])
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:

@@ -1,7 +1,7 @@
 """Spectrum records on disk and on screen: writing, reading back, plotting.
 
 Every measurement is one small JSON file ``step_<global_step>.json`` (a
-:class:`~lr_batch_callback.record.SpectrumRecord`) in a run's ``spectra/`` folder;
+:class:`~lr_batch_callback.monitoring.record.SpectrumRecord`) in a run's ``spectra/`` folder;
 :func:`load_spectra` reads them back and :func:`plot_spectra` draws λ_max over steps and the
 densities (matplotlib, imported only when plotting). :func:`tensorboard_density` writes a
 density as a TensorBoard histogram of expected eigenvalue counts. Nothing here imports Lightning.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lr_batch_callback.record import SpectrumRecord
+from lr_batch_callback.monitoring.record import SpectrumRecord
 
 __all__ = [
     "SPECTRA_DIRNAME",
@@ -46,7 +46,7 @@ def write_record(directory: str | os.PathLike[str], record: SpectrumRecord) -> P
 def load_spectra(log_dir: str | os.PathLike[str]) -> list[SpectrumRecord]:
     """All spectrum records under ``log_dir`` (or its ``spectra/`` folder), sorted by step.
 
-    Each is a :class:`~lr_batch_callback.record.SpectrumRecord` (which also answers
+    Each is a :class:`~lr_batch_callback.monitoring.record.SpectrumRecord` (which also answers
     ``record["lambda_max"]``-style lookups, like the dicts of version 0.1).
     """
     root = Path(log_dir)

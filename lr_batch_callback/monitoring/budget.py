@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lr_batch_callback.measurement import MeasurementCost
+from lr_batch_callback.monitoring.measurement import MeasurementCost, Parts
 
 __all__ = ["Budget", "Plan"]
 
@@ -32,6 +32,11 @@ class Plan:
     run: bool
     lambda_min: bool = False
     density: bool = False
+
+    @property
+    def parts(self) -> Parts:
+        """The occasional parts of the planned measurement."""
+        return Parts(lambda_min=self.lambda_min, density=self.density)
 
 
 class Budget:
