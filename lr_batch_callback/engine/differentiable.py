@@ -13,9 +13,15 @@ correct double backward. Measured on torch 2.14.1, several common ones do not:
 - cuDNN's RNN kernels: no double backward on CUDA; the native kernels have one.
 - sparse embedding gradients (``nn.Embedding(sparse=True)``): sparse tensors cannot be
   differentiated again; the dense gradient is the same derivative.
+- reentrant activation checkpointing (``torch.utils.checkpoint(use_reentrant=True)``): its
+  backward runs a nested ``backward()`` that ``autograd.grad`` refuses, and is not differentiable
+  again. The non-reentrant checkpoint computes the same function and supports double backward.
 
 :func:`twice_differentiable` switches all of these for the duration of a graph build and puts
-them back afterwards. The substitutions are exact: the forward values are the same functions,
+them back afterwards. Non-reentrant checkpoints re-run their forward inside the backward pass, so
+the substitutes must also be in force during every product, not only the graph build (the
+operators of :mod:`~lr_batch_callback.engine.operators` re-enter this context for each one).
+The substitutions are exact: the forward values are the same functions,
 only the kernels differ. (Module-level functions are patched while the block runs, so another
 thread calling them at the same time sees the substitutes too.)
 
@@ -72,12 +78,25 @@ def _dense(original: Any, sparse_position: int) -> Any:
 
 @contextlib.contextmanager
 def _patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
-    original = getattr(owner, name)
+    # Restore what the owner itself held: an inherited attribute (a classmethod of a base class)
+    # is deleted again rather than copied onto the owner as a bound method.
+    own = name in vars(owner)
+    original = vars(owner)[name] if own else None
     setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def _non_reentrant(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
+    """``CheckpointFunction.apply`` (the reentrant checkpoint) as a non-reentrant checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
 
 
 def _math_attention() -> contextlib.AbstractContextManager[Any]:
@@ -113,6 +132,10 @@ def twice_differentiable() -> Iterator[None]:
         # F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode,
         #                 sparse, ...)
         stack.enter_context(_patched(F, "embedding_bag", _dense(F.embedding_bag, 7)))
+        checkpointing = sys.modules.get("torch.utils.checkpoint")
+        if checkpointing is not None and hasattr(checkpointing, "CheckpointFunction"):
+            stack.enter_context(_patched(checkpointing.CheckpointFunction, "apply",
+                                         staticmethod(_non_reentrant)))
         yield
 
 
@@ -123,6 +146,14 @@ def explain_missing_double_backward(error: BaseException) -> BaseException:
     """``error`` itself, or a :class:`MissingDoubleBackwardError` naming the operation and the fix
     when it is PyTorch's "derivative for X is not implemented" (or a sparse-gradient error)."""
     text = str(error)
+    if "use_reentrant=True" in text:
+        return MissingDoubleBackwardError(
+            "The model uses reentrant activation checkpointing (use_reentrant=True), whose "
+            "backward cannot be differentiated again. Checkpoint with use_reentrant=False "
+            "(Hugging Face: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            '{"use_reentrant": False})): it computes the same function and supports curvature '
+            f"products. PyTorch said: {text.splitlines()[0]}"
+        )
     match = _NOT_IMPLEMENTED.search(text)
     if match:
         op = match.group(1)

@@ -23,6 +23,7 @@ from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, SpectralDensity, slq
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL, LanczosResult, Which, lanczos
 from lr_batch_callback.engine.operators import LossFn, OutputSelector, make_operator
+from lr_batch_callback.engine.weights import WeightFn
 
 __all__ = ["EigenResult", "OperatorOptions", "hessian_eigenvalues", "spectral_density"]
 
@@ -39,6 +40,9 @@ class OperatorOptions:
         keep_graphs: reuse the gradient graph for every product (fast); ``False`` rebuilds it
             per product to save memory.
         batch_size_fn: counts the samples in a batch (default: leading tensor dimension).
+        weight_fn: counts what the loss averages over in a micro-batch, to weigh micro-batches
+            (default: the valid ``labels`` tokens of mapping batches, else samples; a split
+            batch with ``-100`` labels elsewhere is refused without it).
         distributed: average the curvature over all ranks of ``torch.distributed``.
         ggn_output: for ``curvature="ggn"`` on a model returning several tensors, the one the
             loss consumes (an index, a key or a function of the return value).
@@ -48,6 +52,7 @@ class OperatorOptions:
     micro_batch_size: int | None = None
     keep_graphs: bool = True
     batch_size_fn: BatchSizeFn | None = None
+    weight_fn: WeightFn | None = None
     distributed: bool = False
     ggn_output: OutputSelector = None
 
@@ -62,7 +67,8 @@ class OperatorOptions:
         return make_operator(
             curvature, model, loss_fn, batches, params=self.params,
             micro_batch_size=self.micro_batch_size, keep_graphs=self.keep_graphs,
-            batch_size_fn=self.batch_size_fn, distributed=self.distributed,
+            batch_size_fn=self.batch_size_fn, weight_fn=self.weight_fn,
+            distributed=self.distributed,
             ggn_output=self.ggn_output,
         )
 
@@ -74,11 +80,14 @@ class EigenResult(LanczosResult):
     Attributes:
         curvature: ``"hessian"`` or ``"ggn"``.
         num_samples: samples the curvature was averaged over (this process's batches).
+        num_tokens: label tokens it was averaged over, for token-averaged LM losses (batches
+            with ``labels``, :mod:`~lr_batch_callback.engine.weights`); else ``None``.
         seconds: wall time of the estimate, graph construction included.
     """
 
     curvature: str = "hessian"
     num_samples: int = 0
+    num_tokens: int | None = None
     seconds: float = 0.0
 
 
@@ -140,10 +149,10 @@ def hessian_eigenvalues(
     start = time.perf_counter()
     with opts.build(curvature, model, loss_fn, _data(batch)) as operator:
         result = lanczos(operator, k, which=which, tol=tol, max_iter=max_iter, seed=seed)
-        num_samples = sum(operator.sample_counts)
+        num_samples, num_tokens = operator.local_samples, operator.total_tokens
     values = {f.name: getattr(result, f.name) for f in fields(result)}
     return EigenResult(**values, curvature=curvature, num_samples=num_samples,
-                       seconds=time.perf_counter() - start)
+                       num_tokens=num_tokens, seconds=time.perf_counter() - start)
 
 
 def spectral_density(

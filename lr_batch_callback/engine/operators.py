@@ -11,7 +11,9 @@ Two operators are built from a model, a loss and fixed batches, over the chosen 
 For several batches :math:`b` of :math:`n_b` samples, with ``loss_fn`` returning the *mean* loss
 of a batch, the operator is the sample-weighted :math:`\sum_b n_b M_b / \sum_b n_b`: the
 curvature of the mean loss over all samples (over every rank's samples under
-``torch.distributed``).
+``torch.distributed``). Micro-batches of one batch are weighted by what its loss averages over:
+samples, or the valid label tokens of a token-averaged LM loss
+(:mod:`~lr_batch_callback.engine.weights`).
 
 The gradient graph of each batch is built once and reused: a product is one backward pass
 through the backward graph, :math:`Hv = \partial (g^\top v)/\partial\theta` with
@@ -19,7 +21,7 @@ through the backward graph, :math:`Hv = \partial (g^\top v)/\partial\theta` with
 graph for every product instead (less memory), replaying the RNG state so that dropout draws the
 same masks: Lanczos needs one fixed operator.
 
-The model operators isolate themselves: each graph build runs inside
+The model operators isolate themselves: each graph build and each product runs inside
 :func:`~lr_batch_callback.engine.isolation.isolated` (mode flags, BatchNorm statistics, RNG
 streams, ``requires_grad`` and ``.grad`` come back as they were) and on twice-differentiable
 kernels (:func:`~lr_batch_callback.engine.differentiable.twice_differentiable`); products run with
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lr_batch_callback._checks import check_curvature, check_integer
-from lr_batch_callback.engine.batching import BatchSizeFn, batch_size_of, split_batch
+from lr_batch_callback.engine.batching import BatchSizeFn, batch_size_of
 from lr_batch_callback.engine.differentiable import (
     MissingDoubleBackwardError,
     explain_missing_double_backward,
@@ -51,6 +53,8 @@ from lr_batch_callback.engine.linear_operator import (
 )
 from lr_batch_callback.engine.outputs import OutputSelector, select_output
 from lr_batch_callback.engine.precision import autocast_off
+from lr_batch_callback.engine.rows import flatten_rows, vjp_rows
+from lr_batch_callback.engine.weights import WeightFn, micro_batches
 
 __all__ = [
     "CurvatureOperator",
@@ -85,6 +89,7 @@ class _ModelCurvature(CurvatureOperator):
         keep_graphs: bool = True,
         batched_products: bool | None = None,
         batch_size_fn: BatchSizeFn | None = None,
+        weight_fn: WeightFn | None = None,
         distributed: bool = False,
     ) -> None:
         chosen = list(params) if params is not None else [p for p in model.parameters()
@@ -104,27 +109,19 @@ class _ModelCurvature(CurvatureOperator):
         batches = list(batches)
         if not batches:
             raise ValueError("The curvature operator needs at least one batch; got none.")
-        if micro_batch_size is not None:
-            size = check_integer(micro_batch_size, "micro_batch_size")
-            batches = [part for batch in batches for part in split_batch(batch, size)]
+        size = check_integer(micro_batch_size, "micro_batch_size", allow_none=True)
         self.model = model
         self.loss_fn = loss_fn
-        self.batches = batches
         self.keep_graphs = keep_graphs
         # vmap-batched double backward beats a loop on accelerators but not on CPU (measured:
         # 2.34x vs 2.09x a gradient step per vector on a 151k-parameter CNN).
         self.batched_products = (self.device.type != "cpu" if batched_products is None
                                  else batched_products)
-        count = batch_size_fn or batch_size_of
-        self.sample_counts = [int(count(b)) for b in self.batches]
-        for n in self.sample_counts:
-            if n < 1:
-                raise ValueError(f"Every batch needs at least one sample; got a batch of size {n}.")
-        self.total_samples = float(sum(self.sample_counts))
-        if self.distributed:
-            total = torch.tensor([self.total_samples], dtype=torch.float64, device=self.device)
-            dist.all_reduce(total)
-            self.total_samples = float(total.item())
+        parts = micro_batches(model, batches, size, count=batch_size_fn or batch_size_of,
+                              weight_fn=weight_fn, distributed=distributed, device=self.device)
+        self.batches, self.weights, self.sample_counts = parts.batches, parts.weights, parts.samples
+        self.total_samples, self.local_samples = parts.total_samples, parts.local_samples
+        self.total_tokens = parts.total_tokens
         # Replaying the RNG state before each rebuild fixes dropout masks across products.
         self._rng_states: list[tuple[Tensor, Tensor | None]] = []
         self._graphs: list[Any] = []
@@ -173,8 +170,21 @@ class _ModelCurvature(CurvatureOperator):
                 for p in self._frozen:
                     p.requires_grad_(False)
 
-    def _isolated_build(self, batch: Any) -> Any:
+    @contextlib.contextmanager
+    def _in_force(self) -> Iterator[None]:
+        """The build's environment: buffer copies, RNG fork, the twice-differentiable kernels.
+
+        Entered for the graph build *and* for every product: a non-reentrant activation
+        checkpoint re-runs its forward inside the backward pass, and that recomputation must
+        update copies of the buffers (not BatchNorm's real statistics) and run on the kernels
+        the graph was built with (else "recomputed values have different metadata", or a
+        silently different function for Hardsigmoid and weight_norm).
+        """
         with isolated(self.model), self._differentiable(), twice_differentiable():
+            yield
+
+    def _isolated_build(self, batch: Any) -> Any:
+        with self._in_force():
             try:
                 return self._build(batch)
             except RuntimeError as exc:
@@ -252,15 +262,16 @@ class _ModelCurvature(CurvatureOperator):
             raise RuntimeError("This curvature operator was released; build a new one.")
         out: Tensor | None = None
         with self._differentiable():
-            for i, n in enumerate(self.sample_counts):
+            for i, weight in enumerate(self.weights):
                 if self.keep_graphs:
-                    product = self._apply_rows(self._graphs[i], V)
+                    with self._in_force():
+                        product = self._apply_rows(self._graphs[i], V)
                 else:
                     with self._replay_rng(i):
                         graph = self._isolated_build(self.batches[i])
-                    product = self._apply_rows(graph, V)
+                    with self._in_force():
+                        product = self._apply_rows(graph, V)
                     del graph
-                weight = n / self.total_samples
                 if out is None:  # no zero-filled accumulator: one batch is the common case
                     out = product if weight == 1.0 else product.mul_(weight)
                 else:
@@ -288,32 +299,6 @@ class _ModelCurvature(CurvatureOperator):
         chunks = torch.split(V, [p.numel() for p in self.params], dim=1)
         return [c.reshape(k, *p.shape) for c, p in zip(chunks, self.params, strict=True)]
 
-    @staticmethod
-    def _vjp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor]
-             ) -> tuple[Tensor, ...]:
-        """Vector-Jacobian products of rows: ``grads`` have a leading row dimension."""
-        k = grads[0].shape[0]
-        batched = k > 1
-        result = torch.autograd.grad(
-            list(outputs), list(inputs),
-            grad_outputs=list(grads) if batched else [g[0] for g in grads],
-            retain_graph=True, allow_unused=True, materialize_grads=True,
-            is_grads_batched=batched,
-        )
-        return result if batched else tuple(r.unsqueeze(0) for r in result)
-
-    @staticmethod
-    def _flatten_rows(tensors: Sequence[Tensor], k: int) -> Tensor:
-        # One copy per tensor into a preallocated matrix: reshape-then-cat would copy twice the
-        # gradients that double backward returns with non-contiguous strides (convolutions).
-        sizes = [t[0].numel() for t in tensors]
-        out = torch.empty((k, sum(sizes)), dtype=tensors[0].dtype, device=tensors[0].device)
-        offset = 0
-        for t, n in zip(tensors, sizes, strict=True):
-            out[:, offset : offset + n].view(t.shape).copy_(t)
-            offset += n
-        return out
-
 
 class HessianOperator(_ModelCurvature):
     r"""Products with the Hessian :math:`\nabla^2_\theta L` of the loss on fixed batches.
@@ -324,13 +309,16 @@ class HessianOperator(_ModelCurvature):
         batches: one or more batches; the operator is their sample-weighted average.
         params: the parameters to differentiate (default: all with ``requires_grad``).
         micro_batch_size: split each batch into micro-batches of at most this many samples
-            (exact for losses that average over samples without cross-sample terms, not for
-            BatchNorm in train mode).
+            (exact for losses that average over samples or tokens without cross-sample terms,
+            not for BatchNorm in train mode).
         keep_graphs: keep each batch's gradient graph for reuse (fast) or rebuild it per
             product (less memory).
         batched_products: several products in one vmap-batched backward pass
             (``is_grads_batched``), or a loop. Default: batched on accelerators, looped on CPU.
         batch_size_fn: counts the samples of a batch (default: leading tensor dimension).
+        weight_fn: counts what ``loss_fn`` averages over in a micro-batch (e.g. the valid
+            tokens of a token-mean loss); default: label tokens of mapping batches with
+            ``labels`` (Hugging Face), else samples (see :mod:`~lr_batch_callback.engine.weights`).
         distributed: average over all ranks of the default process group.
 
     Example:
@@ -352,7 +340,7 @@ class HessianOperator(_ModelCurvature):
         if not pairs:
             return torch.zeros_like(V)
         outputs, grads = zip(*pairs, strict=True)
-        return self._flatten_rows(self._vjp(outputs, self.params, grads), k)
+        return flatten_rows(vjp_rows(outputs, self.params, grads), k)
 
 class GGNOperator(_ModelCurvature):
     r"""Products with the Generalised Gauss-Newton :math:`J^\top (\nabla_f^2 L) J` on fixed batches.
@@ -406,13 +394,13 @@ class GGNOperator(_ModelCurvature):
         if not pairs:
             return torch.zeros_like(V)
         outputs, grads = zip(*pairs, strict=True)
-        jv = self._vjp(outputs, dummies, grads)
+        jv = vjp_rows(outputs, dummies, grads)
         live = [(d, f, u) for d, f, u in zip(dloss_df, leaves, jv, strict=True) if d.requires_grad]
         if not live:  # the loss is linear in the output: the GGN vanishes
             return torch.zeros_like(V)
         d_out, _, u_in = zip(*live, strict=True)
-        hjv = self._vjp(d_out, leaves, u_in)
-        return self._flatten_rows(self._vjp(leaves, self.params, hjv), k)
+        hjv = vjp_rows(d_out, leaves, u_in)
+        return flatten_rows(vjp_rows(leaves, self.params, hjv), k)
 
 
 def make_operator(curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],

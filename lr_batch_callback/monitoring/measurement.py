@@ -178,13 +178,13 @@ def measure_spectrum(
         density = _density(operator, config, seed) if parts.density else None
         sharpness = _preconditioned_sharpness(operator, config, state.optimizer, seed)
         products = operator.num_products
-        samples = int(operator.total_samples)
+        samples, tokens = int(operator.total_samples), operator.total_tokens
     seconds = time.perf_counter() - begin
     values = result.eigenvalues.tolist()
     estimate = SpectrumEstimate(
         eigenvalues=values[: config.k], lambda_min=float(values[-1]) if parts.lambda_min else None,
         error_bounds=result.error_bounds.tolist(), converged=bool(result.converged),
-        num_products=products, seconds=seconds, num_samples=samples,
+        num_products=products, seconds=seconds, num_samples=samples, num_tokens=tokens,
         preconditioned_lambda_max=sharpness,
     )
     context = TrainingContext(

@@ -16,6 +16,7 @@ Metric keys (``<c>`` is ``hessian`` or ``ggn``); each group always has the same 
 ``<c>/converged``                1.0 when every eigenvalue met its tolerance
 ``<c>/seconds``                  wall time of the measurement
 ``<c>/batch_size``               samples the curvature was computed on (all ranks, one micro-batch)
+``<c>/tokens``                   label tokens it was averaged over (token-averaged LM losses only)
 ``<c>/effective_batch_size``     samples per optimizer step (× accumulation × devices)
 ``<c>/stability``                LR × sharpness / threshold: 1 is the edge of stability (see
                                  :class:`TrainingContext`)
@@ -69,6 +70,8 @@ class SpectrumEstimate:
         num_products: curvature-vector products (density included).
         seconds: wall time.
         num_samples: samples the curvature was computed on (all ranks).
+        num_tokens: label tokens it was averaged over (all ranks), when the loss is a
+            token-averaged LM loss on batches with ``labels``; else ``None``.
         preconditioned_lambda_max: top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` with Adam's
             preconditioner :math:`P = \\mathrm{diag}(\\sqrt{\\hat v}) + \\epsilon`, when measured.
     """
@@ -80,6 +83,7 @@ class SpectrumEstimate:
     num_products: int = 0
     seconds: float = 0.0
     num_samples: int | None = None
+    num_tokens: int | None = None
     preconditioned_lambda_max: float | None = None
 
 
@@ -159,6 +163,8 @@ class SpectrumRecord:
             f"{c}/batch_size": _float_or_nan(e.num_samples),
             f"{c}/effective_batch_size": _float_or_nan(ctx.effective_batch_size),
         })
+        if e.num_tokens is not None:
+            out[f"{c}/tokens"] = float(e.num_tokens)
         if ctx.stability is not None:
             out[f"{c}/stability"] = ctx.stability
         if e.preconditioned_lambda_max is not None:
