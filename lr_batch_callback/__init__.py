@@ -7,8 +7,9 @@ Public names:
   the algorithms :func:`lanczos` and :func:`slq`;
 - :func:`scaling_factor`, :class:`LRScaler` — batch-size LR rules and the step-time LR factor;
 - :class:`BatchSizeLRCallback` (LR scaling and spectrum monitoring), :class:`BatchSizeLRScaling`
-  (LR only), :class:`SpectrumMonitor` (spectra only), :class:`BatchSizeSchedule` — the
-  Lightning callbacks, with :class:`MonitorConfig` and :class:`LawConfig`;
+  (LR only), :class:`SpectrumMonitor` (spectra only), :class:`BatchSizeSchedule` (by epoch),
+  :class:`BatchSizeRamp` (by steps, samples or tokens) — the Lightning callbacks, with
+  :class:`MonitorConfig` and :class:`LawConfig`;
 - :class:`BatchSizeLaw`, :func:`fit_batch_size_law`, :func:`estimate_batch_size_law` — λ(B);
 - :class:`SpectrumRecord`, :func:`load_spectra`, :func:`plot_spectra` — measurements, read back.
 
@@ -36,17 +37,20 @@ if TYPE_CHECKING:
     from lr_batch_callback.callbacks import (
         BatchSizeLRCallback,
         BatchSizeLRScaling,
+        BatchSizeRamp,
         BatchSizeSchedule,
         SpectrumMonitor,
     )
 
 # Names whose modules import Lightning: imported when first asked for (PEP 562).
-_LIGHTNING = {"BatchSizeLRCallback", "BatchSizeLRScaling", "BatchSizeSchedule", "SpectrumMonitor"}
+_LIGHTNING = {"BatchSizeLRCallback", "BatchSizeLRScaling", "BatchSizeRamp", "BatchSizeSchedule",
+              "SpectrumMonitor"}
 
 __all__ = [
     "BatchSizeLRCallback",
     "BatchSizeLRScaling",
     "BatchSizeLaw",
+    "BatchSizeRamp",
     "BatchSizeSchedule",
     "CurvatureOperator",
     "GGNOperator",

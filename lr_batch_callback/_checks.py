@@ -44,8 +44,9 @@ def check_integer(value: object, name: str, *, minimum: int = 1, allow_none: boo
                   hint: str = "") -> Any:
     """``value`` as an ``int`` ≥ ``minimum`` (``None`` passes through when ``allow_none``).
 
-    Integral floats (``32.0`` from a YAML file or a division) are accepted and converted; bools,
-    fractions, NaN and strings are not.
+    Integral floats (``32.0`` from a YAML file or a division) are accepted and converted; strings
+    and bools (``True`` is not a count) are bad types (``TypeError``), fractions, NaN and numbers
+    below ``minimum`` bad values (``ValueError``).
 
     Example:
         >>> check_integer(32.0, "batch_size")
@@ -63,9 +64,10 @@ def check_integer(value: object, name: str, *, minimum: int = 1, allow_none: boo
         if allow_none:
             kind += " or None"
         suffix = f"; {hint}" if hint else ""
+        if isinstance(value, bool):  # a switch where a count belongs: the wrong type of value
+            raise TypeError(f"{name} must be {kind}, got the bool {value!r}; pass a number"
+                            f"{suffix}.")
         error = ValueError if isinstance(value, numbers.Real) or value is None else TypeError
-        if isinstance(value, bool):
-            error = ValueError
         raise error(f"{name} must be {kind}, got {value!r}{suffix}.")
     return int(value)  # type: ignore[call-overload]
 
@@ -95,6 +97,26 @@ def check_batch_size(value: object, name: str, *, allow_none: bool = False) -> A
     if int(value) < 1:  # type: ignore[call-overload]
         raise ValueError(f"{name} must be an integer >= 1{extra}, got {value!r}.")
     return int(value)  # type: ignore[call-overload]
+
+
+def check_size_schedule(value: object, name: str, point: str) -> dict[int, int]:
+    """``value`` as a sorted ``{point: batch size}`` dict: keys integers >= 0, sizes >= 1.
+
+    A bad key and a bad size get their own messages, so ``{"1": 32}`` blames the key ``"1"``.
+
+    Example:
+        >>> check_size_schedule({2: 64, 0: 32.0}, "scheduling", "epoch")
+        {0: 32, 2: 64}
+    """
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{name} must be a non-empty dict {{{point}: batch size}}, got {value!r}.")
+    checked = {}
+    for key, size in value.items():
+        start = check_integer(key, f"the {name} key {key!r}", minimum=0,
+                              hint=f"keys are the {point}s where a batch size starts, e.g. "
+                                   f"{{0: 32, 2: 64}}")
+        checked[start] = check_batch_size(size, f"the batch size at {point} {start} of {name}")
+    return dict(sorted(checked.items()))
 
 
 def check_factor(value: object, name: str = "factor") -> float:

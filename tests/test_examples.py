@@ -125,6 +125,28 @@ def test_cli_with_yaml_config(tmp_path: Path) -> None:
     assert "lr_batch_callback.BatchSizeSchedule" in config
 
 
+def test_cli_saves_a_rule_list_that_refits(tmp_path: Path) -> None:
+    # A per-optimizer rule list is written to config.yaml as a list, and the saved file refits.
+    pytest.importorskip("jsonargparse")
+    config = (ROOT / "examples" / "cli_config.yaml").read_text()
+    assert "rule: auto" in config
+    (tmp_path / "rules.yaml").write_text(config.replace("rule: auto", "rule: [sqrt]"))
+    run_example("examples/cli.py", "fit", "--config", str(tmp_path / "rules.yaml"),
+                "--trainer.max_steps=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false")
+    (saved,) = (tmp_path / "cli").glob("version_*/config.yaml")
+    text = saved.read_text()
+    assert "Unable to serialize" not in text
+    assert re.search(r"rule:\s*\n\s*- sqrt", text), text
+    run_example("examples/cli.py", "fit", "--config", str(saved), "--trainer.max_steps=2",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'refit'}",
+                "--trainer.enable_progress_bar=false")
+    (refit,) = (tmp_path / "refit" / "cli").glob("version_*")
+    assert re.search(r"rule:\s*\n\s*- sqrt", (refit / "config.yaml").read_text())
+    _, rows = csv_columns_and_rows(refit / "metrics.csv")
+    assert column_values(rows, "lr_batch/factor") == [1.0]
+
+
 def test_plain_pytorch() -> None:
     out = run_example("examples/plain_pytorch.py", "--fast", "--batch-sizes", "16,64")
     rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.e-]+)\s+([\d.]+)\s+([\d.e+-]+)\s+([\d.]+)",

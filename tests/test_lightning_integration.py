@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -243,6 +243,30 @@ def test_effective_lr_on_the_logging_cadence_and_factor_in_the_progress_bar(tmp_
     assert math.isfinite(trainer.progress_bar_metrics["lambda_max"])
 
 
+class BarRecorder(Callback):
+    """The progress bar's ``lr_factor`` at the start of every batch and at the end."""
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self.seen.append(trainer.progress_bar_metrics.get("lr_factor"))
+
+    def on_train_end(self, trainer: Trainer, *args: Any) -> None:
+        self.seen.append(trainer.progress_bar_metrics.get("lr_factor"))
+
+
+def test_factor_reaches_the_progress_bar_off_the_logging_cadence(tmp_path) -> None:
+    # 6 steps with log_every_n_steps=50: no step is a logging step, yet the bar shows the factor
+    # from the first step on, and the new one after the change.
+    bar = BarRecorder()
+    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=None)
+    _fit(TinyModule(n=64), [bar, BatchSizeSchedule({0: 16, 1: 32}), cb], tmp_path, epochs=2,
+         log_every_n_steps=50)
+    # Before each step: the factor of the step before it (none before the first); then the last.
+    assert bar.seen == [None, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+
+
 # -- 8. fast_dev_run, BatchSizeSchedule, one line per change --------------------------------------
 
 def test_fast_dev_run_writes_no_spectra_files(tmp_path) -> None:
@@ -298,6 +322,30 @@ def test_curvature_rule_prints_one_factor_line_per_change(tmp_path, caplog) -> N
 def test_every_argument_is_validated(build, message) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         build()
+
+
+@pytest.mark.parametrize("build,error,message", [
+    # The wrong kind of value is a TypeError, a wrong value of the right kind a ValueError.
+    (lambda: BatchSizeLRCallback(monitor_every_n_steps=True), TypeError,
+     r"monitor_every_n_steps must be a positive integer or None, got the bool True"),
+    (lambda: BatchSizeLRCallback(reference_batch_size="32"), TypeError,
+     r"reference_batch_size must be an integer >= 1 or None, got '32' of type str"),
+    (lambda: BatchSizeLRCallback(rule=[]), ValueError, r"rule=\[\] names no rule"),
+    (lambda: BatchSizeSchedule({"1": 32}), TypeError, r"the scheduling key '1' must be a "
+     r"non-negative integer"),
+    (lambda: BatchSizeSchedule({1: 0}), ValueError, r"the batch size at epoch 1 of scheduling"),
+    (lambda: BatchSizeSchedule({-1: 32}), ValueError, r"the scheduling key -1"),
+])
+def test_construction_errors_name_the_bad_value_and_its_kind(build, error, message) -> None:
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_integral_numbers_are_accepted_where_counts_are_expected() -> None:
+    # What a YAML file or a division gives: 32.0 is the count 32; a string is not a number.
+    assert BatchSizeLRCallback(reference_batch_size=32.0).scaling.reference_batch_size == 32
+    assert BatchSizeLRCallback(monitor_every_n_steps=20.0).monitor.every_n_steps == 20
+    assert BatchSizeSchedule({0.0: 32.0}).scheduling == {0: 32}
 
 
 def test_integer_rules_are_the_same_in_scaling_factor_and_the_callback(tmp_path) -> None:

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lr_batch_callback._checks import check_integer
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.monitor import SpectrumMonitor
-from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling, RuleSpec
+from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling, RuleArg
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.law.model import BatchSizeLaw
@@ -54,7 +54,7 @@ class BatchSizeLRCallback(StableCallback):
 
     def __init__(
         self,
-        rule: RuleSpec | list[RuleSpec] = "auto",
+        rule: RuleArg = "auto",
         reference_batch_size: int | None = None,
         batch_size_attr: str = "batch_size",
         batch_size_fn: BatchSizeFn | None = None,

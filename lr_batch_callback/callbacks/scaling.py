@@ -38,9 +38,13 @@ from lr_batch_callback.law.model import BatchSizeLaw
 from lr_batch_callback.law.online import LawConfig, SamplePool, fit_from_pool
 from lr_batch_callback.scaling import CurvatureRule, LRScaler, ScalingRule, resolve_rule
 
-__all__ = ["BatchSizeLRScaling", "RuleSpec"]
+__all__ = ["BatchSizeLRScaling", "RuleArg", "RuleSpec"]
 
-RuleSpec = str | Callable[[int, int], float]
+RuleFn = Callable[[int, int], float]
+RuleSpec = str | RuleFn
+# ``list[str]`` before the callable: LightningCLI (jsonargparse) serialises a union by its first
+# member that fits, and a list of names put after ``Callable`` is written "Unable to serialize".
+RuleArg = str | list[str] | RuleFn | list[RuleSpec]
 
 
 def _rule_name(rule: Any) -> str:
@@ -78,7 +82,7 @@ class BatchSizeLRScaling(StableCallback):
 
     def __init__(
         self,
-        rule: RuleSpec | list[RuleSpec] = "auto",
+        rule: RuleArg = "auto",
         reference_batch_size: int | None = None,
         batch_size_attr: str = "batch_size",
         batch_size_fn: BatchSizeFn | None = None,
@@ -87,6 +91,9 @@ class BatchSizeLRScaling(StableCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(rule, list) and not rule:
+            raise ValueError("rule=[] names no rule: pass one rule for every optimizer (e.g. "
+                             "'auto'), or a list with one rule per optimizer.")
         for r in rule if isinstance(rule, list) else [rule]:
             if r != "auto":
                 resolve_rule(r, torch.optim.SGD)  # unknown names fail here, not mid-fit
@@ -107,6 +114,8 @@ class BatchSizeLRScaling(StableCallback):
         self._rules: list[ScalingRule] = []
         self._scalers: list[LRScaler] = []
         self._configured: int | None = None  # the batch-size attribute at setup
+        self._configured_accumulation: int | None = None  # the Trainer's, before any schedule
+        self._shown_factor: float | None = None  # the factor the progress bar holds
         self._restored_rule: str | None = None
         self._pool = SamplePool(self.law_config.samples)
         self._law_due = False
@@ -148,6 +157,8 @@ class BatchSizeLRScaling(StableCallback):
             )
         if self._configured is None:  # BatchSizeFinder's internal restore re-enters setup
             self._configured = self.reader.attribute(pl_module)
+        if self._configured_accumulation is None:
+            self._configured_accumulation = trainer.accumulate_grad_batches
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -160,6 +171,7 @@ class BatchSizeLRScaling(StableCallback):
             )
         self._rules = [resolve_rule(r, opt) for r, opt in zip(rules, optimizers, strict=True)]
         self._scalers = [LRScaler(opt) for opt in optimizers]
+        self._shown_factor = None  # each fit starts with an empty progress bar
         self.start_steps(trainer)
         if self.reference_batch_size is None:
             self.reference_batch_size = self._reference(trainer, pl_module)
@@ -226,7 +238,10 @@ class BatchSizeLRScaling(StableCallback):
             per_device = loader
         if per_device is None:
             return None
-        return per_device * trainer.accumulate_grad_batches * trainer.world_size
+        # The Trainer's own accumulation: a BatchSizeRamp may already have changed it, whatever
+        # the callbacks' order.
+        accumulation = self._configured_accumulation or trainer.accumulate_grad_batches
+        return per_device * accumulation * trainer.world_size
 
     def _update(self, trainer: Trainer, pl_module: LightningModule, start: bool = False) -> None:
         current = self.reader.effective(trainer, pl_module)
@@ -290,25 +305,36 @@ class BatchSizeLRScaling(StableCallback):
         return metrics
 
     def _show(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The effective LRs on the Trainer's logging cadence, the factor in the progress bar."""
+        """The effective LRs on the Trainer's logging cadence; the factor in the progress bar from
+        the first step and at each change.
+
+        The bar keeps the last value it was given, so the factor is logged (to the bar only) when
+        it is new to the bar: a run shorter than ``log_every_n_steps`` still shows it.
+        """
         if not self._scalers or not self.factors:
             return
         # Only on the steps Lightning writes logs: ``self.log`` costs about a millisecond, a
         # quarter of a small model's training step.
         connector = getattr(trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
+        logging_step = connector is None or connector.should_update_logs
+        if not logging_step and self.factors[0] == self._shown_factor:
             return
         try:
-            for i, scaler in enumerate(self._scalers):
-                opt = "" if i == 0 else f"_opt{i}"
-                for j, lr in enumerate(scaler.effective_lrs()):
-                    # A float64 tensor: a Python float would be logged rounded to float32.
-                    pl_module.log(f"lr_batch/lr{opt}_pg{j}", torch.tensor(lr, dtype=torch.float64),
-                                  on_step=True, on_epoch=False, prog_bar=False)
+            if logging_step:
+                self._log_lrs(pl_module)
             pl_module.log("lr_factor", self.factors[0], on_step=True, on_epoch=False,
                           prog_bar=True, logger=False)
+            self._shown_factor = self.factors[0]
         except Exception:  # a loop without logging support: nothing to show
             pass
+
+    def _log_lrs(self, pl_module: LightningModule) -> None:
+        for i, scaler in enumerate(self._scalers):
+            opt = "" if i == 0 else f"_opt{i}"
+            for j, lr in enumerate(scaler.effective_lrs()):
+                # A float64 tensor: a Python float would be logged rounded to float32.
+                pl_module.log(f"lr_batch/lr{opt}_pg{j}", torch.tensor(lr, dtype=torch.float64),
+                              on_step=True, on_epoch=False, prog_bar=False)
 
     # -- the curvature law ----------------------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_has
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lr_batch_callback._checks import check_batch_size, check_integer
+from lr_batch_callback._checks import check_size_schedule
 
 __all__ = ["BatchSizeSchedule"]
 
@@ -39,21 +39,10 @@ class BatchSizeSchedule(Callback):
 
     def __init__(self, scheduling: dict[int, int], batch_size_attr: str = "batch_size") -> None:
         super().__init__()
-        if not isinstance(scheduling, dict) or not scheduling:
-            raise ValueError(
-                f"scheduling must be a non-empty dict {{epoch: batch_size}}, got {scheduling!r}."
-            )
-        checked = {}
-        for epoch, size in scheduling.items():
-            try:
-                epoch = check_integer(epoch, "epoch key", minimum=0)
-                checked[epoch] = check_batch_size(size, f"the batch size of epoch {epoch}")
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{exc} Batch sizes must be positive integers, got {size!r} for "
-                                 f"epoch {epoch} in {scheduling}.") from exc
+        checked = check_size_schedule(scheduling, "scheduling", "epoch")
         if not isinstance(batch_size_attr, str) or not batch_size_attr.isidentifier():
             raise TypeError(f"batch_size_attr must be an attribute name, got {batch_size_attr!r}.")
-        self.scheduling = dict(sorted(checked.items()))
+        self.scheduling = checked
         self.batch_size_attr = batch_size_attr
 
     def batch_size_for(self, epoch: int) -> int | None:
