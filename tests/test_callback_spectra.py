@@ -77,6 +77,19 @@ def test_csv_logged_lambda_max_matches_dense_reference(tmp_path) -> None:
     fig = plot_spectra(logger.log_dir, tmp_path / "spectra.png")
     assert (tmp_path / "spectra.png").stat().st_size > 10_000
     assert len(fig.axes) == 2
+    # The runs' parent is not a run: the error names the run that has records.
+    with pytest.raises(ValueError, match=r"1 run\(s\) below it do: 'csv/version_0'"):
+        load_spectra(tmp_path)
+    with pytest.raises(ValueError, match=r"1 run\(s\) below it do"):
+        load_spectra(tmp_path / "csv")
+
+
+def test_load_spectra_says_why_it_found_nothing(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_spectra(tmp_path / "missing")
+    (tmp_path / "run" / "spectra").mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r"no spectrum records \(step_\*\.json\)"):
+        assert load_spectra(tmp_path / "run") == []
 
 
 def test_tensorboard_event_files_hold_the_spectra(tmp_path) -> None:

@@ -135,3 +135,51 @@ def test_check_every_gives_same_answer() -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         lanczos(MatrixOperator(torch.eye(10, dtype=torch.float64)), **kwargs)
+
+
+def test_a_ggn_null_space_converges_at_zero_within_the_budget() -> None:
+    # A GGN of rank 216 in 930 dimensions (batch 24 × 9 logit directions): λ_min is exactly 0,
+    # under a continuum of small eigenvalues (2e-4 up), so a residual bound is unreachable at 0.
+    # λ_min ≥ 0 bounds the error of the smallest Ritz value by the value itself.
+    from lr_batch_callback.engine.isolation import isolated
+    from lr_batch_callback.engine.lanczos import DEFAULT_TOL, FLOOR
+    from lr_batch_callback.engine.operators import GGNOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(),
+                                torch.nn.Linear(40, 10)).double()
+    x = torch.randn(24, 12, dtype=torch.float64)
+    y = torch.randint(0, 10, (24,))
+    dense = torch.linalg.eigvalsh(dense_ggn(model, lambda f: F.cross_entropy(f, y), x))
+    assert int((dense.abs() < 1e-10).sum()) == 930 - 216
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "stopped at max_iter" warning
+        result = hessian_eigenvalues(model, ce_loss, (x, y), curvature="ggn", which="both",
+                                     seed=0)
+    assert result.converged and result.num_products < 100  # the default cap is 100
+    top, bottom = result.eigenvalues.tolist()
+    assert top == pytest.approx(float(dense[-1]), rel=DEFAULT_TOL)
+    assert 0 <= bottom - float(dense[0]) <= DEFAULT_TOL * FLOOR * top
+    assert float(result.error_bounds[1]) == pytest.approx(bottom)
+    # Without the bound the same run ends unconverged at the cap.
+    with isolated(model):
+        op = GGNOperator(model, ce_loss, [(x, y)])
+        op.lower_bound = None
+        with pytest.warns(RuntimeWarning, match="stopped at max_iter=100"):
+            assert not lanczos(op, k=1, which="both", seed=0).converged
+
+
+def test_a_lower_bound_the_spectrum_contradicts_is_not_used() -> None:
+    # An operator claiming λ ≥ 0 whose spectrum reaches -1 (a cluster from -1 to -0.9, slow to
+    # resolve): the claim is dropped when a Ritz value falls below it, so no early stop at a
+    # Ritz value on its way to -1 (with the bound applied blindly, λ_min comes out about -0.99).
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    values = torch.cat([torch.linspace(-1.0, -0.9, 60), torch.linspace(0.0, 1e-3, 100),
+                        torch.linspace(0.5, 2.0, 40)]).double()
+    op = CurvatureOperator.from_matrix(Q @ torch.diag(values) @ Q.T)
+    op.lower_bound = 0.0
+    result = lanczos(op, k=1, which="both", tol=1e-6, max_iter=200, seed=0)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([2.0, -1.0], dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)

@@ -535,6 +535,37 @@ def test_when_nothing_tells_the_batch_size_the_first_batch_does(tmp_path) -> Non
     assert logger.values("hessian/batch_size") == {2: 12.0, 4: 12.0}
 
 
+class SizedBatches(IterableDataset):
+    """Ready-made batches of the given sizes (batch_size=None: only the batches tell the size)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def __iter__(self):
+        data = make_dataset(sum(self.sizes))
+        start = 0
+        for size in self.sizes:
+            yield data.tensors[0][start:start + size], data.tensors[1][start:start + size]
+            start += size
+
+
+def test_when_only_the_batches_tell_the_size_the_lr_follows_them(tmp_path) -> None:
+    # 16 → 64 samples per batch, then one short batch of 8: the factor follows the change from
+    # the second batch of 64 on, and one odd batch does not move it.
+    module = NoAttrModule()
+    module.train_dataloader = lambda: DataLoader(SizedBatches([16] * 3 + [64] * 4 + [8]),
+                                                 batch_size=None)
+    rec = LRRecorder()
+    cb = _callback(rule="linear", loss_fn=_ce, monitor_every_n_steps=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cannot tell the batch size ... the first batch's"
+        _fit(module, [cb, rec], tmp_path)
+    assert rec.batch_sizes == [16] * 3 + [64] * 4 + [8]
+    assert cb.reference_batch_size == 16 and cb.effective_batch_size == 64
+    assert rec.used == ([0.05] * 4 + [pytest.approx(0.2, rel=1e-12)] * 3
+                        + [pytest.approx(0.2, rel=1e-12)])
+
+
 def test_size_one_batches_under_the_callback(tmp_path) -> None:
     logger = MemoryLogger()
     rec = LRRecorder()

@@ -70,13 +70,27 @@ def test_an_asymmetric_operator_is_flagged_and_not_converged() -> None:
     assert res.asymmetry > 1e-6
 
 
-def test_a_once_differentiable_function_is_caught_by_the_symmetry_probe() -> None:
-    """PyTorch silently drops the second derivative through @once_differentiable here: no error,
-    a wrong (asymmetric) operator. The probe says so instead of returning its eigenvalues."""
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_a_once_differentiable_function_is_named(curvature: str) -> None:
+    """PyTorch silently drops the second derivative through @once_differentiable (no error, a
+    wrong, asymmetric operator). The graph build finds the Function and names it."""
     model, batch, loss_fn = _mlp_with(_NoSecondDerivative.apply)
-    with pytest.warns(RuntimeWarning, match=r"not symmetric.*once_differentiable"):
-        res = hessian_eigenvalues(model, loss_fn, batch, seed=0)
-    assert not res.converged
+    with pytest.raises(MissingDoubleBackwardError,
+                       match=r"through _NoSecondDerivative, whose backward is marked "
+                             r"@once_differentiable.*`params=`"):
+        hessian_eigenvalues(model, loss_fn, batch, curvature=curvature, seed=0)
+
+
+def test_parameters_after_a_once_differentiable_function_still_measure() -> None:
+    # The named fix: the layer after it alone has a correct curvature (dense reference).
+    from tests.reference import dense_hessian
+
+    model, batch, loss_fn = _mlp_with(_NoSecondDerivative.apply)
+    later = list(model.b.parameters())
+    res = hessian_eigenvalues(model, loss_fn, batch, tol=1e-10, seed=0,
+                              options=OperatorOptions(params=later))
+    H = dense_hessian(model, loss_fn, batch, params=later)
+    assert float(res.eigenvalues[0]) == pytest.approx(float(eigvalsh(H)[-1]), rel=1e-8)
 
 
 def test_hardsigmoid_without_substitute_is_explained() -> None:

@@ -4,7 +4,8 @@ Effective batch size = per-device batch × ``accumulate_grad_batches`` × world 
 per-device batch is read, in order, from the train dataloader (``batch_size`` or
 ``batch_sampler.batch_size``), from ``batch_size_attr`` on the LightningModule, its ``hparams``
 or the DataModule (what BatchSizeFinder and BatchSizeSchedule set), and from the batches
-themselves (``batch_size_fn``, default: the leading dimension of their first tensor).
+themselves (``batch_size_fn``, default: the leading dimension of their first tensor), followed
+batch by batch: a new size counts from the second batch in a row that has it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class BatchSizeReader:
             raise TypeError(f"batch_size_attr must be an attribute name (a string), got {attr!r}.")
         self.attr = attr
         self.fn = check_callable(fn, "batch_size_fn", "(batch) -> number of samples")
-        self.from_batches: int | None = None  # the latest batch's count, when it can be told
+        self.from_batches: int | None = None  # the batches' size, when it can be told
+        self._pending: int | None = None  # a new size seen on one batch, not yet on two
 
     def attribute(self, pl_module: LightningModule) -> int | None:
         """The per-device batch size held by ``attr``, if any."""
@@ -83,10 +85,25 @@ class BatchSizeReader:
         return int(value) if isinstance(value, int) and value > 0 else None
 
     def observe(self, batch: Any) -> None:
-        """Remember the size of a training batch (the last resort of :meth:`per_device`)."""
+        """Follow the size of the training batches (the last resort of :meth:`per_device`).
+
+        The first batch sets it; later, a new size counts once two batches in a row have it, so
+        one odd batch (the short last batch of an epoch) does not move the LR back and forth.
+        """
         size = self.count(batch)
-        if size is not None:
-            self.from_batches = size
+        if size is None:
+            return
+        if self.from_batches is None or size == self.from_batches or size == self._pending:
+            self.from_batches, self._pending = size, None
+        else:
+            self._pending = size
+
+    def follow(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Observe ``batch`` when the batches are what tells the size: always before the first
+        size is known, and while neither the loader nor ``attr`` says it."""
+        if (self.from_batches is None
+                or (self.loader(trainer) is None and self.attribute(pl_module) is None)):
+            self.observe(batch)
 
     def per_device(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         return self.loader(trainer) or self.attribute(pl_module) or self.from_batches

@@ -146,8 +146,7 @@ class SpectrumMonitor(StableCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.reader.from_batches is None:
-            self.reader.observe(batch)
+        self.reader.follow(trainer, pl_module, batch)
         current = self.reader.effective(trainer, pl_module)
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change

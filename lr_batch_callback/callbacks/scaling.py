@@ -189,8 +189,7 @@ class BatchSizeLRScaling(StableCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.reader.from_batches is None:
-            self.reader.observe(batch)
+        self.reader.follow(trainer, pl_module, batch)
         self._update(trainer, pl_module)
 
     @override

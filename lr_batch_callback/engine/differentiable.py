@@ -26,7 +26,9 @@ only the kernels differ. (Module-level functions are patched while the block run
 thread calling them at the same time sees the substitutes too.)
 
 :func:`explain_missing_double_backward` turns PyTorch's raw "derivative for ... is not
-implemented" into an error that names the operation and what to do.
+implemented" into an error that names the operation and what to do;
+:func:`check_second_derivatives` finds custom ``autograd.Function`` s whose backward is marked
+``@once_differentiable``, whose second derivative PyTorch silently drops.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MissingDoubleBackwardError", "explain_missing_double_backward", "twice_differentiable"]
+__all__ = ["MissingDoubleBackwardError", "check_second_derivatives",
+           "explain_missing_double_backward", "twice_differentiable"]
 
 
 class MissingDoubleBackwardError(RuntimeError):
@@ -175,3 +178,41 @@ def explain_missing_double_backward(error: BaseException) -> BaseException:
             f"PyTorch said: {text.splitlines()[0]}"
         )
     return error
+
+
+_ONCE = torch.autograd.function.once_differentiable(lambda ctx, *grads: grads).__code__
+_DELAYED = ("torch::autograd::Error", "torch::autograd::DelayedError")
+
+
+def _nodes(roots: Sequence[Any]) -> Iterator[Any]:
+    """Every autograd node reachable from ``roots`` (grad_fns), each once."""
+    stack, seen = [r for r in roots if r is not None], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def check_second_derivatives(grads: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
+    """Raise if the graph of ``grads`` (built with ``create_graph=True``) passes through a
+    backward marked ``@once_differentiable``.
+
+    Such a backward's outputs are detached copies behind a ``DelayedError`` node that PyTorch
+    prunes when the parameters are differentiated again, so the second derivative through it is
+    silently zero: the "Hessian" would be wrong (and asymmetric), not refused.
+    """
+    # DelayedError's node is named "torch::autograd::Error" (torch 2.14).
+    if not any(n.name() in _DELAYED for n in _nodes([g.grad_fn for g in grads])):
+        return
+    names = sorted({node._forward_cls.__name__ for node in _nodes([o.grad_fn for o in outputs])
+                    if getattr(getattr(getattr(node, "_forward_cls", None), "backward", None),
+                               "__code__", None) is _ONCE})
+    which = ", ".join(names) if names else "a custom autograd.Function"
+    raise MissingDoubleBackwardError(
+        f"The loss goes through {which}, whose backward is marked @once_differentiable: PyTorch "
+        "treats its second derivative as zero, so curvature products through it would be wrong. "
+        "Write that backward with differentiable operations (drop @once_differentiable), or "
+        "exclude the parameters before it with `params=` (curvature of the later layers only).")

@@ -57,6 +57,7 @@ from lr_batch_callback.engine.precision import autocast_off
 from lr_batch_callback.engine.ritz import (
     complete,
     error_bounds,
+    floor_bounds,
     ritz,
     thick_restart,
     tridiagonal_eigh,
@@ -255,7 +256,8 @@ def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_it
     products_before = steps_before = restarts = 0
     converged = exhausted = False
     asymmetry = 0.0
-    symmetry_tol = _SYMMETRY * math.sqrt(torch.finfo(operator.dtype).eps)
+    rounding = math.sqrt(torch.finfo(operator.dtype).eps)  # of the radius, for lower_bound
+    symmetry_tol = _SYMMETRY * rounding
     theta = Y = residual = np.zeros(0)
     since_check = 0
 
@@ -284,7 +286,9 @@ def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_it
         idx = wanted_indices(theta.size, k, which)
         # Eigenvectors asked for: their residuals must meet the tolerance too (an eigenvector's
         # error is its residual over the gap, not the residual squared).
-        bounds = residual[idx] if return_eigenvectors else error_bounds(theta, residual, idx)
+        bounds = residual[idx] if return_eigenvectors else floor_bounds(
+            theta, error_bounds(theta, residual, idx), idx, k, which, operator.lower_bound,
+            rounding * scale)
         limit = tol * np.maximum(np.abs(theta[idx]), FLOOR * scale)
         if exhausted or (len(idx) >= wanted and bool((bounds <= limit).all())):
             converged = True
@@ -308,7 +312,9 @@ def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_it
 
     products = products_before + rec.num_products + (0 if complement is None else len(complement))
     idx = wanted_indices(theta.size, k, which)
-    bounds = error_bounds(theta, residual, idx) if not exhausted else np.zeros(len(idx))
+    bounds = np.zeros(len(idx)) if exhausted else floor_bounds(
+        theta, error_bounds(theta, residual, idx), idx, k, which, operator.lower_bound,
+        rounding * float(np.abs(theta).max(initial=0.0)))
     if asymmetry > symmetry_tol:
         converged = False
         warnings.warn(

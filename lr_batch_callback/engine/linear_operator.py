@@ -46,6 +46,9 @@ class CurvatureOperator:
 
     Attributes:
         num_products: products computed so far (a ``matmat`` of ``k`` rows counts ``k``).
+        lower_bound: a known lower bound of the spectrum, or ``None`` (0 for a Gauss-Newton
+            matrix of a loss convex in the outputs). Lanczos uses it to bound the error of the
+            smallest eigenvalues, which a relative tolerance cannot reach at 0.
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 1.0]))
@@ -61,6 +64,7 @@ class CurvatureOperator:
         self.device = torch.device(device)
         self.num_products = 0
         self.distributed = bool(distributed) and _distributed_world() > 1
+        self.lower_bound: float | None = None
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod

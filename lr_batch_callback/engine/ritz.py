@@ -15,7 +15,9 @@ from torch import Tensor
 
 from lr_batch_callback.engine.krylov import LanczosRecurrence, random_rows
 
-__all__ = ["complete", "error_bounds", "ritz", "thick_restart", "tridiagonal_eigh", "wanted_indices"]
+__all__ = [
+    "complete", "error_bounds", "floor_bounds", "ritz", "thick_restart", "tridiagonal_eigh",
+    "wanted_indices"]
 
 # An eigenvalue next to a neighbour no Ritz value has resolved yet can be off by up to its
 # residual: the bound never claims less than residual / 5 (measured on built spectra with
@@ -57,6 +59,31 @@ def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: list[int]) -
         quadratic = min(r, r * r / gap) if gap > r else r
         out[n] = max(quadratic, r / _UNRESOLVED)
     return out
+
+def floor_bounds(theta: np.ndarray, bounds: np.ndarray, indices: list[int], k: int, which: str,
+                 lower: float | None, rounding: float) -> np.ndarray:
+    r"""Tighten the bounds of the ``k`` smallest Ritz values with a known spectral lower bound.
+
+    Rayleigh–Ritz on any subspace gives :math:`\theta_{(j)} \ge \lambda_{(j)} \ge \ell` for
+    the :math:`j`-th smallest values (Courant–Fischer), so
+    :math:`|\theta_{(j)} - \lambda_{(j)}| \le \theta_{(j)} - \ell`. For a positive
+    semi-definite operator with a null space (a GGN) that makes a zero eigenvalue converge, where
+    a residual bound over a cluster at 0 would not. Not applied when a Ritz value lies below
+    ``lower - rounding``: then ``lower`` is not a bound of this operator.
+
+    Example:
+        >>> theta = np.array([1e-9, 0.5, 2.0])
+        >>> floor_bounds(theta, np.array([0.1, 0.3]), [2, 0], 1, "both", 0.0, 1e-12)
+        array([1.e-01, 1.e-09])
+    """
+    if lower is None or which == "largest" or not theta.size or theta[0] < lower - rounding:
+        return bounds
+    out = bounds.copy()
+    for n, i in enumerate(indices):
+        if i < k:
+            out[n] = min(out[n], max(float(theta[i]) - lower, 0.0))
+    return out
+
 
 def wanted_indices(n: int, k: int, which: str) -> list[int]:
     """Indices into ascending Ritz values for the wanted end(s), largest value first."""

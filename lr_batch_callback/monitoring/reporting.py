@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,45 @@ def load_spectra(log_dir: str | os.PathLike[str]) -> list[SpectrumRecord]:
 
     Each is a :class:`~lr_batch_callback.monitoring.record.SpectrumRecord` (which also answers
     ``record["lambda_max"]``-style lookups, like the dicts of version 0.1).
+
+    Raises:
+        FileNotFoundError: ``log_dir`` does not exist.
+        ValueError: ``log_dir`` holds no records itself but runs below it do (the parent of the
+            runs, e.g. ``lightning_logs/``): the error lists them, since records of different
+            runs are not one history.
+
+    A folder with no records anywhere gives ``[]`` with a warning (monitoring was off, or no
+    measurement was due).
     """
     root = Path(log_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"load_spectra: {str(root)!r} is not a directory; pass a run's "
+                                "log directory (the logger's log_dir) or its spectra/ folder.")
     folder = root / SPECTRA_DIRNAME if (root / SPECTRA_DIRNAME).is_dir() else root
+    paths = sorted(folder.glob("step_*.json"))
+    if not paths:
+        _no_records(root)
+        return []
     records = []
-    for path in sorted(folder.glob("step_*.json")):
+    for path in paths:
         with open(path) as fh:
             records.append(SpectrumRecord.from_json(json.load(fh)))
     return sorted(records, key=lambda r: (r.step, r.curvature))
+
+
+def _no_records(root: Path) -> None:
+    """Say why a folder gave no records: a parent of runs (error), or an empty run (warning)."""
+    runs = sorted({p.parent.parent if p.parent.name == SPECTRA_DIRNAME else p.parent
+                   for p in root.rglob("step_*.json")})
+    if runs:
+        names = ", ".join(repr(str(r.relative_to(root))) for r in runs[:5])
+        more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
+        raise ValueError(f"load_spectra: {str(root)!r} holds no spectrum records itself, but "
+                         f"{len(runs)} run(s) below it do: {names}{more}. Pass one run's "
+                         f"directory, e.g. load_spectra({str(runs[0])!r}).")
+    warnings.warn(f"load_spectra: no spectrum records (step_*.json) in {str(root)!r}: monitoring "
+                  "was off, no measurement was due, or this is not a run's log directory.",
+                  UserWarning, stacklevel=3)
 
 
 def _as_record(item: SpectrumRecord | Mapping[str, Any]) -> SpectrumRecord:
