@@ -155,8 +155,39 @@ def test_curvature_loss_method_is_used(tmp_path) -> None:
             return F.cross_entropy(self(batch[0]), batch[1])
 
     seed_everything(0)
-    cb = flat_callback(monitor_every_n_steps=2, density_every=0, max_overhead=None)
+    cb = flat_callback(monitor_every_n_steps=2, density_every=0, max_overhead=None,
+                       critical_sharpness=False)  # its line searches call the loss too
     trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                       enable_checkpointing=False)
     trainer.fit(WithCurvatureLoss(n=64))
     assert WithCurvatureLoss.used == 2 and cb.monitor.measurements == 2
+
+
+def test_logged_critical_sharpness_matches_a_line_search_on_the_same_weights(tmp_path) -> None:
+    from lr_batch_callback.engine.critical import LineLoss, critical_sharpness
+
+    logger = CSVLogger(tmp_path, name="critical")
+    _, snap = _fit_with(logger, tmp_path)
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("hessian/lambda_max")]
+    assert rows
+    for row in rows:
+        state, (x, y) = snap.saved[int(row["step"])]
+        model = TinyModule(norm=True).double()
+        model.load_state_dict(state)
+        with LineLoss(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                      [(x.double(), y)], [1.0]) as line:
+            g = line.gradient()
+            expected = critical_sharpness(line, g, [-t for t in g], first=0.05, rtol=1e-4,
+                                          max_passes=40).sharpness
+        logged = float(row["hessian/critical_sharpness"])
+        assert logged == pytest.approx(expected, rel=0.03)  # float32 run, 2 % search tolerance
+        # SGD: LR 0.05 (factor 1); the ratio is LR·λ_c/2, for both directions.
+        assert float(row["hessian/critical_ratio"]) == pytest.approx(0.05 * logged / 2, rel=1e-6)
+        update = float(row["hessian/critical_sharpness_update"])
+        assert float(row["hessian/critical_ratio_update"]) == pytest.approx(0.05 * update / 2,
+                                                                            rel=1e-6)
+    records = load_spectra(logger.log_dir)
+    assert [r.estimate.critical_sharpness for r in records] == pytest.approx(
+        [float(r["hessian/critical_sharpness"]) for r in rows], rel=1e-6)
+    assert all(r.estimate.critical_passes > 0 for r in records)

@@ -184,7 +184,7 @@ def test_callback_rejects_bad_arguments_eagerly(kwargs, message) -> None:
 
 
 def test_schedule_rejects_non_positive_batch_sizes() -> None:
-    with pytest.raises(ValueError, match=r"positive integers, got 0 for epoch 2"):
+    with pytest.raises(ValueError, match=r"the batch size at epoch 2 of scheduling must be an integer >= 1, got 0"):
         BatchSizeSchedule({0: 16, 2: 0})
 
 

@@ -25,9 +25,12 @@ from lr_batch_callback._checks import (
     check_positive_float,
 )
 from lr_batch_callback.engine.batching import BatchSizeFn
+from lr_batch_callback.engine.critical import LineLoss
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, LossFn, make_operator
+from lr_batch_callback.monitoring.critical import critical_ratio, measure_critical
+from lr_batch_callback.monitoring.directions import adam_preconditioner
 from lr_batch_callback.monitoring.record import (
     DensityQuadrature,
     SpectrumEstimate,
@@ -67,6 +70,9 @@ class MonitorConfig:
         max_overhead: fraction of training time measurements may take; over budget they are
             postponed (the cadence stretches). ``None``: no budget.
         save_spectra: write each measurement as a JSON file into the loggers' runs.
+        critical_sharpness: also measure the critical sharpness along the (preconditioned)
+            gradient and along the optimizer's actual update (forward passes only: one gradient,
+            then about 3 forward passes per direction; :mod:`~lr_batch_callback.engine.critical`).
     """
 
     curvature: str = "hessian"
@@ -79,6 +85,7 @@ class MonitorConfig:
     density_steps: int = DEFAULT_STEPS
     max_overhead: float | None = 0.05
     save_spectra: bool = True
+    critical_sharpness: bool = True
 
     def __post_init__(self) -> None:
         check_curvature(self.curvature)
@@ -93,6 +100,7 @@ class MonitorConfig:
         check_integer(self.density_steps, "density_steps")
         check_fraction(self.max_overhead, "max_overhead", allow_none=True, meaning="no budget")
         check_bool(self.save_spectra, "save_spectra")
+        check_bool(self.critical_sharpness, "critical_sharpness")
 
 
 @dataclass(frozen=True)
@@ -179,21 +187,34 @@ def measure_spectrum(
         sharpness = _preconditioned_sharpness(operator, config, state.optimizer, seed)
         products = operator.num_products
         samples, tokens = int(operator.total_samples), operator.total_tokens
+        # The line searches run on the operator's (micro-)batches and weights, after its graphs
+        # are freed.
+        line = LineLoss(model, loss_fn, operator.batches, operator.weights,
+                        params=operator.params, distributed=operator.distributed)
+    spectral = time.perf_counter()
+    critical = measure_critical(line, state) if config.critical_sharpness else None
     seconds = time.perf_counter() - begin
     values = result.eigenvalues.tolist()
     estimate = SpectrumEstimate(
         eigenvalues=values[: config.k], lambda_min=float(values[-1]) if parts.lambda_min else None,
         error_bounds=result.error_bounds.tolist(), converged=bool(result.converged),
         num_products=products, seconds=seconds, num_samples=samples, num_tokens=tokens,
-        preconditioned_lambda_max=sharpness,
+        preconditioned_lambda_max=sharpness, critical=critical is not None,
+        critical_sharpness=critical.gradient if critical else None,
+        critical_sharpness_update=critical.update if critical else None,
+        critical_passes=critical.passes if critical else 0,
     )
     context = TrainingContext(
         effective_batch_size=state.effective_batch_size, lr=state.lr, lr_factor=state.lr_factor,
-        stability=stability(state.optimizer, state.lr, estimate))
+        stability=stability(state.optimizer, state.lr, estimate),
+        critical_ratio=critical_ratio(state.lr, estimate.critical_sharpness),
+        critical_ratio_update=critical_ratio(state.lr, estimate.critical_sharpness_update))
     record = SpectrumRecord(step=state.step, epoch=state.epoch, curvature=config.curvature,
                             estimate=estimate, context=context, density=density)
-    cost = MeasurementCost(build_seconds=built - begin,
-                           seconds_per_product=(seconds - (built - begin)) / max(products, 1))
+    # The line searches are a fixed cost per measurement, like the graph build.
+    fixed = (built - begin) + (seconds - (spectral - begin))
+    cost = MeasurementCost(build_seconds=fixed,
+                           seconds_per_product=(spectral - built) / max(products, 1))
     return record, cost
 
 
@@ -215,25 +236,3 @@ def _preconditioned_sharpness(operator: Any, config: MonitorConfig,
                   tol=config.tol, max_iter=config.max_iter, seed=20_000 + seed,
                   options=LanczosOptions(warn_unconverged=False))
     return float(pre.eigenvalues[0])
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
-    r""":math:`P^{-1/2}` of Adam-family optimizers as one flat vector over ``params``:
-    :math:`1/\sqrt{\sqrt{\hat v} + \epsilon}` with :math:`\hat v = v/(1-\beta_2^t)`; ``None`` when
-    the optimizer holds no second-moment estimate for every parameter (before its first step, or
-    not Adam-like)."""
-    parts = []
-    for group in optimizer.param_groups:
-        beta2 = group.get("betas", (0.9, 0.999))[1]
-        eps = group.get("eps", 1e-8)
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "exp_avg_sq" not in state or "step" not in state:
-                continue
-            step = float(state["step"])
-            v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-            parts.append((p, (v_hat.sqrt() + eps).rsqrt()))
-    lookup = {id(p): scale for p, scale in parts}
-    if any(id(p) not in lookup for p in params):
-        return None
-    return torch.cat([lookup[id(p)].reshape(-1) for p in params])

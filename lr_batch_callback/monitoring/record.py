@@ -21,7 +21,16 @@ Metric keys (``<c>`` is ``hessian`` or ``ggn``); each group always has the same 
 ``<c>/stability``                LR × sharpness / threshold: 1 is the edge of stability (see
                                  :class:`TrainingContext`)
 ``<c>/preconditioned_lambda_max`` top eigenvalue of P⁻¹H for Adam-family optimizers
+``hessian/critical_sharpness``    2/η_c along -g (SGD family) or -P⁻¹g (Adam family): η_c is the
+                                 step at which the batch loss rises back (forward passes only)
+``hessian/critical_sharpness_update`` the same along the optimizer's actual next update
+``hessian/critical_ratio``        LR / η_c along -g or -P⁻¹g: above 1 that step raises the loss
+``hessian/critical_ratio_update`` LR / η_c along the actual update (``inf``: it points uphill)
 =============================== ==============================================================
+
+The critical keys are always ``hessian/``: a line search measures the loss itself, whatever
+curvature the eigenvalues are of. They are NaN where a direction is unknown (another optimizer's
+update, Adam before its first step).
 """
 
 from __future__ import annotations
@@ -74,6 +83,11 @@ class SpectrumEstimate:
             token-averaged LM loss on batches with ``labels``; else ``None``.
         preconditioned_lambda_max: top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` with Adam's
             preconditioner :math:`P = \\mathrm{diag}(\\sqrt{\\hat v}) + \\epsilon`, when measured.
+        critical: whether critical sharpness was measured.
+        critical_sharpness: :math:`2/\\eta_c` along :math:`-g` or :math:`-P^{-1}g`
+            (:mod:`~lr_batch_callback.engine.critical`); ``inf`` when that direction is uphill.
+        critical_sharpness_update: the same along the optimizer's actual next update.
+        critical_passes: forward passes the line searches took.
     """
 
     eigenvalues: list[float]
@@ -85,6 +99,10 @@ class SpectrumEstimate:
     num_samples: int | None = None
     num_tokens: int | None = None
     preconditioned_lambda_max: float | None = None
+    critical: bool = False
+    critical_sharpness: float | None = None
+    critical_sharpness_update: float | None = None
+    critical_passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,12 +117,17 @@ class TrainingContext:
             momentum :math:`\mu` diverges on the local quadratic when
             :math:`\eta\lambda_{max} > 2(1+\mu)`; Adam with :math:`\beta_1` when
             :math:`\eta\lambda_{max}(P^{-1}H) > (2+2\beta_1)/(1-\beta_1)` (Cohen et al. 2022).
+        critical_ratio: LR / :math:`\eta_c` along :math:`-g` or :math:`-P^{-1}g`
+            (:math:`= \eta\lambda_c/2`): above 1 a step of that LR along it raises the batch loss.
+        critical_ratio_update: the same along the optimizer's actual next update.
     """
 
     effective_batch_size: int | None = None
     lr: float | None = None
     lr_factor: float = 1.0
     stability: float | None = None
+    critical_ratio: float | None = None
+    critical_ratio_update: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,13 @@ class SpectrumRecord:
             out[f"{c}/stability"] = ctx.stability
         if e.preconditioned_lambda_max is not None:
             out[f"{c}/preconditioned_lambda_max"] = e.preconditioned_lambda_max
+        if e.critical:
+            out.update({
+                "hessian/critical_sharpness": _float_or_nan(e.critical_sharpness),
+                "hessian/critical_sharpness_update": _float_or_nan(e.critical_sharpness_update),
+                "hessian/critical_ratio": _float_or_nan(ctx.critical_ratio),
+                "hessian/critical_ratio_update": _float_or_nan(ctx.critical_ratio_update),
+            })
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -177,6 +207,9 @@ class SpectrumRecord:
         estimate = data["estimate"]
         estimate["eigenvalues"] = [_finite_or_none(v) for v in self.estimate.eigenvalues]
         estimate["error_bounds"] = [_finite_or_none(v) for v in self.estimate.error_bounds]
+        for key, value in (*estimate.items(), *data["context"].items()):
+            if isinstance(value, float) and math.isinf(value):  # strict JSON has no Infinity
+                (estimate if key in estimate else data["context"])[key] = "inf"
         data["lambda_max"] = _finite_or_none(self.lambda_max)  # for readers of the raw file
         return data
 
@@ -194,11 +227,14 @@ class SpectrumRecord:
         estimate = dict(data["estimate"])
         estimate["eigenvalues"] = [_float_or_nan(v) for v in estimate["eigenvalues"]]
         estimate["error_bounds"] = [_float_or_nan(v) for v in estimate.get("error_bounds", [])]
+        context: dict[str, Any] = {key: math.inf if value == "inf" else value
+                                   for key, value in data.get("context", {}).items()}
+        estimate = {key: math.inf if value == "inf" else value for key, value in estimate.items()}
         density = data.get("density")
         return cls(
             step=int(data["step"]), epoch=int(data["epoch"]), curvature=str(data["curvature"]),
             estimate=SpectrumEstimate(**estimate),
-            context=TrainingContext(**data.get("context", {})),
+            context=TrainingContext(**context),
             density=DensityQuadrature(**density) if density else None,
         )
 
