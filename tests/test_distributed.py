@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lr_batch_callback import BatchSizeLRCallback, scaling_factor
+from lr_batch_callback.engine.critical import LineLoss, critical_sharpness
 from tests import ddp_worker
 from tests.lightning_helpers import LRRecorder
 from tests.reference import dense_ggn, dense_hessian, eigvalsh
@@ -239,6 +240,14 @@ def test_ddp_lambda_max_equals_dense_hessian_of_global_batch(linear_run) -> None
                           (batch[0].double(), batch[1]))
         expected = float(eigvalsh(H)[-1])
         assert metrics["hessian/lambda_max"] == pytest.approx(expected, rel=1e-4), step
+        # Critical sharpness of the global batch along -g (plain SGD): an independent float64
+        # line search on the concatenated batch.
+        with LineLoss(model, lambda m, b: m.curvature_loss(b), [(batch[0].double(), batch[1])],
+                      [1.0]) as line:
+            g = line.gradient()
+            reference = critical_sharpness(line, g, [-t for t in g], first=0.05, rtol=1e-4,
+                                           max_passes=40).sharpness
+        assert metrics["hessian/critical_sharpness"] == pytest.approx(reference, rel=0.03), step
         if step != min(measured):
             continue
         # ... and not the value of either rank's half alone
