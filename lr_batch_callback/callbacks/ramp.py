@@ -31,6 +31,7 @@ from typing_extensions import override
 from lr_batch_callback._checks import check_callable, check_choice, check_size_schedule
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
+from lr_batch_callback.callbacks.schedule import scheduled
 
 __all__ = ["BatchSizeRamp", "count_tokens"]
 
@@ -154,11 +155,7 @@ class BatchSizeRamp(StableCallback):
     # -- the ramp --------------------------------------------------------------------------------
     def size_at(self, point: int) -> int | None:
         """The scheduled effective batch size once ``point`` units are seen (``None`` before)."""
-        size = None
-        for start, value in self.schedule.items():
-            if point >= start:
-                size = value
-        return size
+        return scheduled(self.schedule, point)
 
     def progress(self, trainer: Trainer) -> int:
         """How far training is, in ``unit`` s: optimizer steps taken, or samples or tokens seen."""

@@ -19,7 +19,17 @@ from typing_extensions import override
 
 from lr_batch_callback._checks import check_size_schedule
 
-__all__ = ["BatchSizeSchedule"]
+__all__ = ["BatchSizeSchedule", "scheduled"]
+
+
+def scheduled(schedule: dict[int, int], point: int) -> int | None:
+    """The value in force at ``point`` of a sorted ``{start: value}`` schedule (``None`` before
+    its first start)."""
+    value = None
+    for start, size in schedule.items():
+        if point >= start:
+            value = size
+    return value
 
 
 class BatchSizeSchedule(Callback):
@@ -47,11 +57,7 @@ class BatchSizeSchedule(Callback):
 
     def batch_size_for(self, epoch: int) -> int | None:
         """The scheduled batch size of ``epoch`` (``None`` before the first scheduled epoch)."""
-        size = None
-        for start, value in self.scheduling.items():
-            if epoch >= start:
-                size = value
-        return size
+        return scheduled(self.scheduling, epoch)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
