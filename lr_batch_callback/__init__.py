@@ -23,7 +23,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lr_batch_callback.engine.density import slq
-from lr_batch_callback.engine.estimate import hessian_eigenvalues, spectral_density
+from lr_batch_callback.engine.estimate import OperatorOptions, hessian_eigenvalues, spectral_density
+from lr_batch_callback.engine.finite_difference import FiniteDifferenceHessian
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, GGNOperator, HessianOperator
 from lr_batch_callback.law import BatchSizeLaw, estimate_batch_size_law, fit_batch_size_law
@@ -53,12 +54,14 @@ __all__ = [
     "BatchSizeRamp",
     "BatchSizeSchedule",
     "CurvatureOperator",
+    "FiniteDifferenceHessian",
     "GGNOperator",
     "HessianOperator",
     "LRScaler",
     "LanczosOptions",
     "LawConfig",
     "MonitorConfig",
+    "OperatorOptions",
     "SpectrumMonitor",
     "SpectrumRecord",
     "estimate_batch_size_law",

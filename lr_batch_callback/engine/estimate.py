@@ -22,7 +22,8 @@ from lr_batch_callback._checks import check_bool, check_integer
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, SpectralDensity, slq
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL, LanczosResult, Which, lanczos
-from lr_batch_callback.engine.operators import LossFn, OutputSelector, make_operator
+from lr_batch_callback.engine.operators import LossFn, OutputSelector
+from lr_batch_callback.engine.products import build_operator, check_product
 from lr_batch_callback.engine.weights import WeightFn
 
 __all__ = ["EigenResult", "OperatorOptions", "hessian_eigenvalues", "spectral_density"]
@@ -46,6 +47,12 @@ class OperatorOptions:
         distributed: average the curvature over all ranks of ``torch.distributed``.
         ggn_output: for ``curvature="ggn"`` on a model returning several tensors, the one the
             loss consumes (an index, a key or a function of the return value).
+        product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
+            ``"exact"`` (double backward), ``"finite_difference"`` (first-order gradients
+            only; Hessian of smooth losses, about 1e-4 of the radius in float32) or ``"auto"``
+            (exact, else finite differences where double backward is unavailable).
+        step: the finite-difference step (default
+            :func:`~lr_batch_callback.engine.finite_difference.default_step`).
     """
 
     params: Sequence[Tensor] | None = None
@@ -55,8 +62,11 @@ class OperatorOptions:
     weight_fn: WeightFn | None = None
     distributed: bool = False
     ggn_output: OutputSelector = None
+    product: str = "exact"
+    step: float | None = None
 
     def __post_init__(self) -> None:
+        check_product(self.product, step=self.step)
         check_integer(self.micro_batch_size, "micro_batch_size", allow_none=True)
         check_bool(self.keep_graphs, "keep_graphs")
         check_bool(self.distributed, "distributed")
@@ -64,8 +74,8 @@ class OperatorOptions:
     def build(self, curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]
               ) -> Any:
         """The operator of ``curvature`` on ``batches`` with these options."""
-        return make_operator(
-            curvature, model, loss_fn, batches, params=self.params,
+        return build_operator(
+            curvature, self.product, model, loss_fn, batches, step=self.step, params=self.params,
             micro_batch_size=self.micro_batch_size, keep_graphs=self.keep_graphs,
             batch_size_fn=self.batch_size_fn, weight_fn=self.weight_fn,
             distributed=self.distributed,
@@ -83,12 +93,15 @@ class EigenResult(LanczosResult):
         num_tokens: label tokens it was averaged over, for token-averaged LM losses (batches
             with ``labels``, :mod:`~lr_batch_callback.engine.weights`); else ``None``.
         seconds: wall time of the estimate, graph construction included.
+        product: how the products were computed: ``"exact"`` or ``"finite_difference"`` (what
+            ``product="auto"`` chose).
     """
 
     curvature: str = "hessian"
     num_samples: int = 0
     num_tokens: int | None = None
     seconds: float = 0.0
+    product: str = "exact"
 
 
 def _data(batch: Any) -> list[Any]:
@@ -150,9 +163,11 @@ def hessian_eigenvalues(
     with opts.build(curvature, model, loss_fn, _data(batch)) as operator:
         result = lanczos(operator, k, which=which, tol=tol, max_iter=max_iter, seed=seed)
         num_samples, num_tokens = operator.local_samples, operator.total_tokens
+        product = operator.product
     values = {f.name: getattr(result, f.name) for f in fields(result)}
     return EigenResult(**values, curvature=curvature, num_samples=num_samples,
-                       num_tokens=num_tokens, seconds=time.perf_counter() - start)
+                       num_tokens=num_tokens, seconds=time.perf_counter() - start,
+                       product=product)
 
 
 def spectral_density(

@@ -82,6 +82,11 @@ DEFAULT_TOL = 1e-3
 FLOOR = 1e-3  # fraction of the spectral radius below which tolerances become absolute
 _BASIS_BYTES = 64 * 2**20  # default basis budget: small models keep every vector
 _SYMMETRY = 10.0  # × sqrt(eps): an asymmetry above this is no rounding error
+_ASYMMETRY_CAUSES = (
+    "an operation whose double backward is wrong or missing (a custom autograd.Function, one "
+    "marked @once_differentiable, which PyTorch may silently treat as constant), or a loss that "
+    "changes between products (randomness not fixed by the RNG state, data-dependent control "
+    "flow)")
 
 
 
@@ -257,7 +262,8 @@ def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_it
     converged = exhausted = False
     asymmetry = 0.0
     rounding = math.sqrt(torch.finfo(operator.dtype).eps)  # of the radius, for lower_bound
-    symmetry_tol = _SYMMETRY * rounding
+    symmetry_tol = (_SYMMETRY * rounding if operator.symmetry_tolerance is None
+                    else operator.symmetry_tolerance)
     theta = Y = residual = np.zeros(0)
     since_check = 0
 
@@ -319,12 +325,9 @@ def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_it
         converged = False
         warnings.warn(
             f"The curvature operator is not symmetric: products disagree with their transposes by "
-            f"{asymmetry:.2e} of the spectral radius (more than the {symmetry_tol:.0e} rounding "
-            "allows). Its eigenvalues are unreliable; converged=False. Likely causes: an operation "
-            "whose double backward is wrong or missing (a custom autograd.Function, one marked "
-            "@once_differentiable, which PyTorch may silently treat as constant), or a loss that "
-            "changes between products (randomness not fixed by the RNG state, data-dependent "
-            "control flow).",
+            f"{asymmetry:.2e} of the spectral radius (more than the {symmetry_tol:.0e} its "
+            "accuracy allows). Its eigenvalues are unreliable; converged=False. Likely causes: "
+            + (operator.asymmetry_causes or _ASYMMETRY_CAUSES) + ".",
             RuntimeWarning, stacklevel=2,
         )
     elif not converged and opts.warn_unconverged:

@@ -49,6 +49,11 @@ class CurvatureOperator:
         lower_bound: a known lower bound of the spectrum, or ``None`` (0 for a Gauss-Newton
             matrix of a loss convex in the outputs). Lanczos uses it to bound the error of the
             smallest eigenvalues, which a relative tolerance cannot reach at 0.
+        symmetry_tolerance: the asymmetry (relative to the spectral radius) Lanczos accepts
+            before it reports the operator unreliable; ``None``: rounding's ``10·sqrt(eps)``.
+            Approximate products (finite differences) are symmetric only to their accuracy.
+        asymmetry_causes: what to suspect when this operator is found asymmetric, or ``None``
+            for the usual suspects (a wrong double backward, a loss that changes).
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 1.0]))
@@ -65,6 +70,8 @@ class CurvatureOperator:
         self.num_products = 0
         self.distributed = bool(distributed) and _distributed_world() > 1
         self.lower_bound: float | None = None
+        self.symmetry_tolerance: float | None = None
+        self.asymmetry_causes: str | None = None
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod

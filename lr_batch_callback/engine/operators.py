@@ -79,6 +79,8 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 class _ModelCurvature(CurvatureOperator):
     """Shared machinery: isolation, batches weighted by sample count, graph reuse or rebuild."""
 
+    product = "exact"  # how products are computed (engine.products.PRODUCTS)
+
     def __init__(
         self,
         model: nn.Module,

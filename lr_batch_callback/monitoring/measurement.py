@@ -28,7 +28,8 @@ from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.critical import LineLoss
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
-from lr_batch_callback.engine.operators import CurvatureOperator, LossFn, make_operator
+from lr_batch_callback.engine.operators import CurvatureOperator, LossFn
+from lr_batch_callback.engine.products import build_operator, check_product
 from lr_batch_callback.monitoring.critical import critical_ratio, measure_critical
 from lr_batch_callback.monitoring.directions import adam_preconditioner
 from lr_batch_callback.monitoring.record import (
@@ -73,6 +74,10 @@ class MonitorConfig:
         critical_sharpness: also measure the critical sharpness along the (preconditioned)
             gradient and along the optimizer's actual update (forward passes only: one gradient,
             then about 3 forward passes per direction; :mod:`~lr_batch_callback.engine.critical`).
+        product: how curvature products are computed: ``"exact"`` (double backward),
+            ``"finite_difference"`` (first-order gradients; Hessian of smooth losses only) or
+            ``"auto"`` (exact, else finite differences where double backward is unavailable);
+            :mod:`~lr_batch_callback.engine.products`. Records say which was used.
     """
 
     curvature: str = "hessian"
@@ -86,9 +91,11 @@ class MonitorConfig:
     max_overhead: float | None = 0.05
     save_spectra: bool = True
     critical_sharpness: bool = True
+    product: str = "exact"
 
     def __post_init__(self) -> None:
         check_curvature(self.curvature)
+        check_product(self.product, self.curvature)
         check_integer(self.k, "k")
         check_positive_float(self.tol, "tol", example="1e-3")
         wanted = 2 * self.k if self.lambda_min_every else self.k
@@ -176,8 +183,8 @@ def measure_spectrum(
         ``(record, cost)``: the complete record, and the measured costs for the budget.
     """
     begin = time.perf_counter()
-    operator = make_operator(config.curvature, model, loss_fn, [batch], batch_size_fn=batch_size_fn,
-                             distributed=distributed)
+    operator = build_operator(config.curvature, config.product, model, loss_fn, [batch],
+                              batch_size_fn=batch_size_fn, distributed=distributed)
     built = time.perf_counter()
     with operator:
         quiet = LanczosOptions(warn_unconverged=False)
@@ -187,6 +194,7 @@ def measure_spectrum(
         sharpness = _preconditioned_sharpness(operator, config, state.optimizer, seed)
         products = operator.num_products
         samples, tokens = int(operator.total_samples), operator.total_tokens
+        product = operator.product
         # The line searches run on the operator's (micro-)batches and weights, after its graphs
         # are freed.
         line = LineLoss(model, loss_fn, operator.batches, operator.weights,
@@ -202,7 +210,7 @@ def measure_spectrum(
         preconditioned_lambda_max=sharpness, critical=critical is not None,
         critical_sharpness=critical.gradient if critical else None,
         critical_sharpness_update=critical.update if critical else None,
-        critical_passes=critical.passes if critical else 0,
+        critical_passes=critical.passes if critical else 0, product=product,
     )
     context = TrainingContext(
         effective_batch_size=state.effective_batch_size, lr=state.lr, lr_factor=state.lr_factor,

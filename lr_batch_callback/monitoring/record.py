@@ -88,6 +88,8 @@ class SpectrumEstimate:
             (:mod:`~lr_batch_callback.engine.critical`); ``inf`` when that direction is uphill.
         critical_sharpness_update: the same along the optimizer's actual next update.
         critical_passes: forward passes the line searches took.
+        product: how the curvature products were computed, ``"exact"`` or
+            ``"finite_difference"`` (:mod:`~lr_batch_callback.engine.products`).
     """
 
     eigenvalues: list[float]
@@ -103,6 +105,7 @@ class SpectrumEstimate:
     critical_sharpness: float | None = None
     critical_sharpness_update: float | None = None
     critical_passes: int = 0
+    product: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,8 @@ class SpectrumRecord:
         })
         if e.num_tokens is not None:
             out[f"{c}/tokens"] = float(e.num_tokens)
+        if e.product != "exact":
+            out[f"{c}/finite_difference"] = 1.0
         if ctx.stability is not None:
             out[f"{c}/stability"] = ctx.stability
         if e.preconditioned_lambda_max is not None:

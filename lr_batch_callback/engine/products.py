@@ -1,0 +1,86 @@
+"""How curvature products are computed: exactly (double backward) or by finite differences.
+
+- ``"exact"``: :class:`~lr_batch_callback.engine.operators.HessianOperator` /
+  :class:`~lr_batch_callback.engine.operators.GGNOperator`, a backward pass through the gradient
+  graph per product; exact to rounding, on twice-differentiable kernels.
+- ``"finite_difference"``:
+  :class:`~lr_batch_callback.engine.finite_difference.FiniteDifferenceHessian`, one first-order
+  gradient per product; Hessian only, smooth losses only, accurate to about
+  :math:`10^{-4}` of the radius in float32. It runs where double backward does not (fused
+  attention kept, ``@once_differentiable`` functions, operations without a second derivative).
+- ``"auto"``: the exact product, and finite differences where the exact one is unavailable (the
+  build raised :class:`~lr_batch_callback.engine.differentiable.MissingDoubleBackwardError`) and
+  the loss is smooth. When neither works, the error names both reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lr_batch_callback._checks import check_choice, check_curvature, check_positive_float
+from lr_batch_callback.engine.differentiable import MissingDoubleBackwardError
+from lr_batch_callback.engine.finite_difference import FiniteDifferenceHessian
+from lr_batch_callback.engine.operators import LossFn, _ModelCurvature, make_operator
+from lr_batch_callback.engine.smoothness import PiecewiseLinearError
+
+__all__ = ["PRODUCTS", "build_operator", "check_product"]
+
+PRODUCTS = ("exact", "finite_difference", "auto")
+
+
+def check_product(product: object, curvature: str = "hessian", step: object = None) -> str:
+    """``product`` if it is one of :data:`PRODUCTS` and fits ``curvature`` and ``step``."""
+    check_choice(product, "product", PRODUCTS)
+    check_curvature(curvature)
+    if product == "finite_difference" and curvature != "hessian":
+        raise ValueError(
+            f"product='finite_difference' computes Hessian products only, got curvature="
+            f"{curvature!r}. Use curvature='hessian' with it, or product='exact' (or 'auto') for "
+            "the Gauss-Newton matrix.")
+    if step is not None:
+        if product == "exact":
+            raise ValueError(
+                f"step={step!r} is the finite-difference step, but product='exact' takes none. "
+                "Drop `step`, or use product='finite_difference' (or 'auto').")
+        check_positive_float(step, "step", example="1e-3")
+    return str(product)
+
+
+def build_operator(curvature: str, product: str, model: nn.Module, loss_fn: LossFn,
+                   batches: Sequence[Any], *, step: float | None = None, **kwargs: Any
+                   ) -> _ModelCurvature:
+    """The operator of ``curvature`` computed by ``product`` (module docstring).
+
+    ``kwargs`` are those of :func:`~lr_batch_callback.engine.operators.make_operator`; the
+    options without meaning for finite differences (``keep_graphs``, ``ggn_output``) are
+    ignored by it. The chosen operator's ``product`` attribute says which one was built.
+    """
+    check_product(product, curvature, step)
+    if product == "finite_difference":
+        return _differences(model, loss_fn, batches, step, kwargs)
+    try:
+        return make_operator(curvature, model, loss_fn, batches, **kwargs)
+    except MissingDoubleBackwardError as exact_error:
+        if product == "exact":
+            raise
+        if curvature != "hessian":
+            raise MissingDoubleBackwardError(
+                f"{exact_error} (product='auto' cannot fall back to finite differences: they "
+                "compute Hessian products only, and curvature='ggn' was asked for.)"
+            ) from exact_error
+        try:
+            return _differences(model, loss_fn, batches, step, kwargs)
+        except PiecewiseLinearError as fd_error:
+            raise MissingDoubleBackwardError(
+                f"{exact_error} Finite differences (product='auto') are refused too: {fd_error}"
+            ) from exact_error
+
+
+def _differences(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], step: float | None,
+                 kwargs: dict[str, Any]) -> FiniteDifferenceHessian:
+    options = {k: v for k, v in kwargs.items() if k not in ("ggn_output", "keep_graphs",
+                                                          "batched_products")}
+    return FiniteDifferenceHessian(model, loss_fn, batches, step=step, **options)
