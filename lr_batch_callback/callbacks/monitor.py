@@ -45,8 +45,28 @@ from lr_batch_callback.scaling import LRScaler
 
 __all__ = ["SpectrumMonitor"]
 
-# Strategies that shard parameters: the curvature of the full model is not at hand on a rank.
-_SHARDED = (FSDPStrategy, ModelParallelStrategy)
+
+
+def _unsupported(strategy: Any, config: MonitorConfig) -> str | None:
+    """Why monitoring cannot run under ``strategy`` with ``config``, or ``None``."""
+    if isinstance(strategy, ModelParallelStrategy):
+        # FSDP2: first-order gradients of the shards (engine/sharded.py), no double backward.
+        if config.product == "exact" or config.curvature != "hessian":
+            return (f"its FSDP2 shards have no exact product (double backward cannot reach them), "
+                    f"and MonitorConfig has product={config.product!r}, curvature="
+                    f"{config.curvature!r}. Use MonitorConfig(curvature='hessian', "
+                    "product='auto') (the default) or product='finite_difference'.")
+        return None
+    if isinstance(strategy, FSDPStrategy):
+        return ("FSDP1 flattens the parameters into FlatParameters that no curvature product "
+                "can address. Use ModelParallelStrategy (FSDP2, fully_shard in configure_model), "
+                "where monitoring works.")
+    if isinstance(strategy, DeepSpeedStrategy):
+        return ("DeepSpeed partitions parameters and wraps the optimizer and the backward pass "
+                "outside PyTorch's autograd, so no curvature product can be computed.")
+    if type(strategy).__name__.startswith("XLA"):
+        return "XLA compiles the graph lazily; double backward and in-place moves are not supported."
+    return None
 
 
 class SpectrumMonitor(StableCallback):
@@ -123,12 +143,11 @@ class SpectrumMonitor(StableCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.every_n_steps is None:
             return
-        if isinstance(trainer.strategy, (*_SHARDED, DeepSpeedStrategy)) or \
-                type(trainer.strategy).__name__.startswith("XLA"):
+        reason = _unsupported(trainer.strategy, self.config)
+        if reason:
             raise MisconfigurationException(
-                f"Spectrum monitoring needs the whole model on every rank; "
-                f"{type(trainer.strategy).__name__} shards or wraps it. Pass "
-                "monitor_every_n_steps=None (every_n_steps=None) to keep only the LR scaling."
+                f"Spectrum monitoring cannot run under {type(trainer.strategy).__name__}: {reason} "
+                "Pass monitor_every_n_steps=None (every_n_steps=None) to keep only the LR scaling."
             )
 
     @override

@@ -11,6 +11,10 @@
 - ``"auto"``: the exact product, and finite differences where the exact one is unavailable (the
   build raised :class:`~lr_batch_callback.engine.differentiable.MissingDoubleBackwardError`) and
   the loss is smooth. When neither works, the error names both reasons.
+
+Parameters sharded by FSDP2 (``DTensor`` s) have no exact product (the forward uses gathered
+copies, not the shards); ``"finite_difference"`` and ``"auto"`` build
+:class:`~lr_batch_callback.engine.sharded.ShardedFiniteDifferenceHessian` there.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lr_batch_callback._checks import check_choice, check_curvature, check_posit
 from lr_batch_callback.engine.differentiable import MissingDoubleBackwardError
 from lr_batch_callback.engine.finite_difference import FiniteDifferenceHessian
 from lr_batch_callback.engine.operators import LossFn, _ModelCurvature, make_operator
+from lr_batch_callback.engine.sharded import ShardedFiniteDifferenceHessian, is_sharded
 from lr_batch_callback.engine.smoothness import PiecewiseLinearError
 
 __all__ = ["PRODUCTS", "build_operator", "check_product"]
@@ -59,6 +64,9 @@ def build_operator(curvature: str, product: str, model: nn.Module, loss_fn: Loss
     ignored by it. The chosen operator's ``product`` attribute says which one was built.
     """
     check_product(product, curvature, step)
+    chosen = kwargs.get("params")
+    if is_sharded(list(chosen) if chosen is not None else list(model.parameters())):
+        return _sharded(curvature, product, model, loss_fn, batches, step, kwargs)
     if product == "finite_difference":
         return _differences(model, loss_fn, batches, step, kwargs)
     try:
@@ -77,6 +85,20 @@ def build_operator(curvature: str, product: str, model: nn.Module, loss_fn: Loss
             raise MissingDoubleBackwardError(
                 f"{exact_error} Finite differences (product='auto') are refused too: {fd_error}"
             ) from exact_error
+
+
+def _sharded(curvature: str, product: str, model: nn.Module, loss_fn: LossFn,
+             batches: Sequence[Any], step: float | None, kwargs: dict[str, Any]
+             ) -> ShardedFiniteDifferenceHessian:
+    if product == "exact" or curvature != "hessian":
+        raise MissingDoubleBackwardError(
+            f"The parameters are sharded (FSDP2 DTensors), whose forward uses gathered copies: "
+            f"double backward cannot reach the shards, so there is no exact product "
+            f"(product={product!r}, curvature={curvature!r}). Use curvature='hessian' with "
+            "product='finite_difference' or 'auto' (first-order gradients only).")
+    options = {k: v for k, v in kwargs.items() if k not in ("ggn_output", "keep_graphs",
+                                                          "batched_products")}
+    return ShardedFiniteDifferenceHessian(model, loss_fn, batches, step=step, **options)
 
 
 def _differences(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], step: float | None,

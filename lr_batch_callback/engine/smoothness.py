@@ -60,9 +60,13 @@ class PiecewiseLinearError(ValueError):
             "(GELU, SiLU, ELU, Softplus) and average pooling.")
 
 
-def kinks_on_the_way(loss: Tensor, params: Sequence[Tensor]) -> Counter[str]:
-    """The piecewise-linear operations between ``loss`` and any of ``params``, counted by kind."""
-    wanted = {id(p) for p in params}
+def kinks_on_the_way(loss: Tensor, params: Sequence[Tensor] | None) -> Counter[str]:
+    """The piecewise-linear operations between ``loss`` and any of ``params``, counted by kind.
+
+    ``params=None``: any leaf that gets a gradient (sharded parameters are not in the graph: the
+    forward uses gathered copies).
+    """
+    wanted = None if params is None else {id(p) for p in params}
     root = loss.grad_fn
     if root is None:
         return Counter()
@@ -82,7 +86,7 @@ def kinks_on_the_way(loss: Tensor, params: Sequence[Tensor]) -> Counter[str]:
             stack.extend((c, False) for c in children if id(c) not in reaches)
             continue
         variable = getattr(node, "variable", None)
-        hit = variable is not None and id(variable) in wanted
+        hit = variable is not None and (wanted is None or id(variable) in wanted)
         reaches[key] = hit or any(reaches.get(id(c), False) for c in children)
         kind = _kind(node)
         if kind is not None and reaches[key]:

@@ -30,6 +30,7 @@ from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, LossFn
 from lr_batch_callback.engine.products import build_operator, check_product
+from lr_batch_callback.engine.sharded import is_sharded
 from lr_batch_callback.monitoring.critical import critical_ratio, measure_critical
 from lr_batch_callback.monitoring.directions import adam_preconditioner
 from lr_batch_callback.monitoring.record import (
@@ -76,7 +77,8 @@ class MonitorConfig:
             then about 3 forward passes per direction; :mod:`~lr_batch_callback.engine.critical`).
         product: how curvature products are computed: ``"exact"`` (double backward),
             ``"finite_difference"`` (first-order gradients; Hessian of smooth losses only) or
-            ``"auto"`` (exact, else finite differences where double backward is unavailable);
+            ``"auto"`` (the default: exact, else finite differences where double backward is
+            unavailable, FSDP2 shards included, so that a run keeps its measurements);
             :mod:`~lr_batch_callback.engine.products`. Records say which was used.
     """
 
@@ -91,7 +93,7 @@ class MonitorConfig:
     max_overhead: float | None = 0.05
     save_spectra: bool = True
     critical_sharpness: bool = True
-    product: str = "exact"
+    product: str = "auto"
 
     def __post_init__(self) -> None:
         check_curvature(self.curvature)
@@ -191,7 +193,11 @@ def measure_spectrum(
         result = lanczos(operator, config.k, which="both" if parts.lambda_min else "largest",
                          tol=config.tol, max_iter=config.max_iter, seed=seed, options=quiet)
         density = _density(operator, config, seed) if parts.density else None
-        sharpness = _preconditioned_sharpness(operator, config, state.optimizer, seed)
+        # Sharded (FSDP2) parameters: Adam's preconditioner and the line searches work on whole
+        # parameters, which no rank holds; the measurement is the eigenvalues.
+        sharded = is_sharded(operator.params)
+        sharpness = (None if sharded else
+                     _preconditioned_sharpness(operator, config, state.optimizer, seed))
         products = operator.num_products
         samples, tokens = int(operator.total_samples), operator.total_tokens
         product = operator.product
@@ -200,7 +206,7 @@ def measure_spectrum(
         line = LineLoss(model, loss_fn, operator.batches, operator.weights,
                         params=operator.params, distributed=operator.distributed)
     spectral = time.perf_counter()
-    critical = measure_critical(line, state) if config.critical_sharpness else None
+    critical = measure_critical(line, state) if config.critical_sharpness and not sharded else None
     seconds = time.perf_counter() - begin
     values = result.eigenvalues.tolist()
     estimate = SpectrumEstimate(
