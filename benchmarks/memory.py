@@ -10,7 +10,8 @@ task touches first, whose amount moved by 100+ MiB with what other processes had
 ``tracemalloc`` does not see torch's allocator. glibc's mmap threshold is fixed at 64 KiB so that
 freed blocks leave the resident set and a repeated allocation is seen again.
 
-The training step is SGD with momentum 0.9 in steady state: one step first (momentum buffers
+The training step is the problem's optimizer (SGD with momentum 0.9, AdamW for the transformers)
+in steady state: one step first (momentum buffers
 exist, ``.grad`` is then freed as ``zero_grad(set_to_none=True)`` does), then the measured step.
 """
 
@@ -30,10 +31,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 TASKS = {
-    "train_step": "training step (forward, backward, SGD step)",
+    "train_step": "training step (forward, backward, optimizer step)",
     "default_measurement": "ours: default measurement (λ_max)",
     "lambda_min_measurement": "ours: measurement with λ_min",
     "density_measurement": "ours: measurement with density",
+    "exact_lambda_max": "ours: λ_max, product='exact'",
+    "fd_lambda_max": "ours: λ_max, product='finite_difference'",
     "pyhessian": "PyHessian: eigenvalues(tol=1e-3)",
     "eigenthings_power": "hessian-eigenthings: power_iteration_one(tol=1e-3)",
     "curvlinops_eigsh": "curvlinops: eigsh(k=1, which='LA', tol=1e-3)",
@@ -111,6 +114,12 @@ def _run_task(task: str, problem: Any) -> None:
         M.ours_measurement(problem, batch, parts=(True, False))
     elif task == "density_measurement":
         M.ours_measurement(problem, batch, parts=(False, True))
+    elif task in ("exact_lambda_max", "fd_lambda_max"):
+        from lr_batch_callback import MonitorConfig
+
+        product = "exact" if task == "exact_lambda_max" else "finite_difference"
+        M.ours_measurement(problem, batch, config=MonitorConfig(product=product,
+                                                                critical_sharpness=False))
     elif task == "pyhessian":
         M.pyhessian(problem, batch, tol=1e-3)
     elif task == "eigenthings_power":

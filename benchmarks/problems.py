@@ -6,6 +6,11 @@
   ``pretrain_steps`` steps of that optimizer.
 - ``resnet18``: torchvision's ``resnet18(weights=None, num_classes=10)`` (11,181,642 parameters)
   on random 3×32×32 inputs with random labels, batch 16, the same optimizer, freshly initialised.
+- ``gpt``: the GPT-like transformer of :mod:`benchmarks.gpt` (2 pre-LN blocks, d = 64, causal
+  SDPA, GELU, tied head; 118,528 parameters) on next-byte prediction over the standard
+  library's source, batch 16 × 32 tokens, AdamW lr 1e-3, after ``pretrain_steps`` steps.
+- ``gpt_long``: the same model with 2,048-token context, batch 2, freshly initialised (the
+  long-sequence case of the peak-memory figures).
 
 Both stay in train mode, as in training (the ResNet's BatchNorm uses batch statistics; the CNN has
 neither BatchNorm nor dropout, so its mode changes nothing and the peers, which force ``eval()``
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("digits_cnn", "resnet18")
+TRANSFORMERS = ("gpt", "gpt_long")
 LR, MOMENTUM = 0.01, 0.9
 
 
@@ -50,7 +56,7 @@ class Problem:
     optimizer: torch.optim.Optimizer
     batches: Iterator[tuple[Tensor, Tensor]]
     batch: tuple[Tensor, Tensor]
-    criterion: nn.Module
+    criterion: Callable[[Tensor, Tensor], Tensor]
 
     @property
     def params(self) -> list[Tensor]:
@@ -137,11 +143,29 @@ def build_problem(name: str, *, batch_size: int | None = None, pretrain_steps: i
         pretrain = _random_stream(b, torch.Generator().manual_seed(seed + 1))
         pretrain_steps = 0
         desc = f"torchvision resnet18(weights=None, num_classes=10), random 3×32×32, batch {b}"
+    elif name in TRANSFORMERS:
+        from benchmarks import gpt
+
+        context = 32 if name == "gpt" else 2048
+        b = batch_size or (16 if name == "gpt" else 2)
+        model = gpt.GPT(context=context)
+        data = gpt.corpus()
+        batches = gpt.windows(data, b, context, data_gen)
+        pretrain = gpt.windows(data, b, context, torch.Generator().manual_seed(seed + 1))
+        pretrain_steps = pretrain_steps if name == "gpt" else 0
+        desc = f"GPT-like (benchmarks/gpt.py), bytes of the stdlib, batch {b} × {context} tokens"
     else:
-        raise ValueError(f"Unknown model {name!r}; choose from {MODELS}.")
+        raise ValueError(f"Unknown model {name!r}; choose from {MODELS + TRANSFORMERS}.")
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    criterion = nn.CrossEntropyLoss()
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[Tensor, Tensor], Tensor]
+    if name in TRANSFORMERS:
+        from benchmarks.gpt import lm_loss
+
+        optimizer, criterion = torch.optim.AdamW(model.parameters(), lr=1e-3), lm_loss
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        criterion = nn.CrossEntropyLoss()
     if state_dict is not None:
         model.load_state_dict(state_dict)
     else:
@@ -152,7 +176,7 @@ def build_problem(name: str, *, batch_size: int | None = None, pretrain_steps: i
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if pretrain_steps and state_dict is None:
-        desc += f", after {pretrain_steps} SGD steps"
+        desc += f", after {pretrain_steps} {type(optimizer).__name__} steps"
     problem = Problem(name=name, description=desc, model=model, optimizer=optimizer,
                       batches=batches, batch=next(batches), criterion=criterion)
     return problem

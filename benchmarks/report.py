@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- VERDICT:BEGIN -->", "<!-- VERDICT:END -->"
+#: The large-model section (``benchmarks/large_models.py``, its own JSON), kept like the verdict.
+LARGE_BEGIN, LARGE_END = "<!-- LARGE:BEGIN -->", "<!-- LARGE:END -->"
 
 
 def clean(value: Any) -> Any:
@@ -201,13 +203,16 @@ def _placeholder(results: dict[str, Any]) -> str:
 def write_markdown(path: Path, text: str, results: dict[str, Any]) -> None:
     """Write ``text`` to ``path`` with the verdict block of the existing file (or a placeholder
     listing the measured targets)."""
-    verdict = None
+    verdict, large = None, None
     if path.exists():
-        match = re.search(re.escape(BEGIN) + r"\n(.*?)\n?" + re.escape(END), path.read_text(),
-                          re.S)
+        old = path.read_text()
+        match = re.search(re.escape(BEGIN) + r"\n(.*?)\n?" + re.escape(END), old, re.S)
         verdict = match.group(1).strip() if match else None
+        kept = re.search(re.escape(LARGE_BEGIN) + r".*?" + re.escape(LARGE_END), old, re.S)
+        large = kept.group(0) if kept else None
     block = f"{BEGIN}\n{verdict or _placeholder(results)}\n{END}"
-    path.write_text(text.replace(f"{BEGIN}\n\n{END}", block, 1))
+    text = text.replace(f"{BEGIN}\n\n{END}", block, 1)
+    path.write_text(text + ("\n" + large + "\n" if large else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

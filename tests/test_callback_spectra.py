@@ -155,8 +155,10 @@ def test_curvature_loss_method_is_used(tmp_path) -> None:
             return F.cross_entropy(self(batch[0]), batch[1])
 
     seed_everything(0)
+    # Exact products: one call per graph build. (Line searches and difference products call the
+    # loss once per pass or product.)
     cb = flat_callback(monitor_every_n_steps=2, density_every=0, max_overhead=None,
-                       critical_sharpness=False)  # its line searches call the loss too
+                       critical_sharpness=False, product="exact")
     trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
                       enable_checkpointing=False)
     trainer.fit(WithCurvatureLoss(n=64))

@@ -199,3 +199,20 @@ def test_model_parameter_counts() -> None:
         assert count(models.VGG16()) == 15_291_300
         assert count(models.VGG16(batch_norm=True)) == 15_299_748
         assert count(models.WideResNet(28, 10)) == 36_536_884
+
+
+def test_llm_example_ramps_the_batch_and_logs_the_curvature(tmp_path: Path) -> None:
+    run_dir = tmp_path / "llm"
+    out = run_example("examples/llm.py", "--fast", "--output-dir", str(run_dir))
+    # Ramp {0: 8, 4: 16} with 8 samples per batch: accumulation 2 from step 4, LR × √2 (AdamW).
+    assert "Final accumulation 2 (16 samples per step)" in out, out
+    match = re.search(r"LR factor ([\d.]+) \(rule sqrt\)", out)
+    assert match is not None, out
+    assert float(match.group(1)) == pytest.approx(2 ** 0.5, rel=1e-4)
+    _, rows = csv_columns_and_rows(run_dir / "metrics.csv")
+    lam = [v for v in column_values(rows, "hessian/lambda_max") if v == v]
+    assert lam and all(v > 0 for v in lam)
+    # The model is smooth (RMSNorm, SiLU, softmax): the default product is differences, which
+    # run through the checkpointed blocks and keep the fused attention.
+    assert "(differences)" in out
+    assert (run_dir / "llm.png").stat().st_size > 10_000

@@ -162,11 +162,14 @@ class LineLoss:
         params: the parameters moved along the direction (default: all trainable ones).
         distributed: sum the weighted losses and gradients over the ranks (the weights are then
             the global shares) so every rank sees the global batch's line.
+        gradient: this rank's flat :math:`\sum_b w_b \nabla L_b(\theta_0)`, when a curvature
+            operator on the same batches already computed it (finite differences keep it): then
+            :meth:`gradient` costs no pass.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                  weights: Sequence[float], *, params: Sequence[Tensor] | None = None,
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, gradient: Tensor | None = None) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.batches, self.weights = list(batches), [float(w) for w in weights]
         self.params = (list(params) if params is not None
@@ -178,6 +181,7 @@ class LineLoss:
         self._devices: list[int] = []
         self._rng: tuple[Tensor, list[Tensor]] | None = None
         self._base: float | None = None
+        self._given = gradient
 
     def __enter__(self) -> LineLoss:
         self._stack.enter_context(isolated(self.model))
@@ -208,17 +212,21 @@ class LineLoss:
         return value
 
     def gradient(self) -> list[Tensor]:
-        r""":math:`g = \nabla L(\theta_0)` (one forward and backward per batch, ``.grad`` untouched)."""
-        grads = [torch.zeros_like(p) for p in self.params]
-        self._replay()
-        for batch, weight in zip(self.batches, self.weights, strict=True):
-            loss = self.loss_fn(self.model, batch) * weight
-            parts = torch.autograd.grad(loss, self.params, allow_unused=True)
-            for total, part in zip(grads, parts, strict=True):
-                if part is not None:
-                    total.add_(part)
-        self.passes += len(self.batches)
-        flat = self._total(torch.cat([g.reshape(-1) for g in grads]))
+        r""":math:`g = \nabla L(\theta_0)` (one forward and backward per batch, ``.grad`` untouched;
+        none when the gradient was given)."""
+        if self._given is not None:
+            flat = self._total(self._given.detach().clone())
+        else:
+            grads = [torch.zeros_like(p) for p in self.params]
+            self._replay()
+            for batch, weight in zip(self.batches, self.weights, strict=True):
+                loss = self.loss_fn(self.model, batch) * weight
+                parts = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for total, part in zip(grads, parts, strict=True):
+                    if part is not None:
+                        total.add_(part)
+            self.passes += len(self.batches)
+            flat = self._total(torch.cat([g.reshape(-1) for g in grads]))
         return [part.reshape(p.shape)
                 for part, p in zip(flat.split([p.numel() for p in self.params]), self.params,
                                    strict=True)]

@@ -49,8 +49,10 @@ class OperatorOptions:
             loss consumes (an index, a key or a function of the return value).
         product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
             ``"exact"`` (double backward), ``"finite_difference"`` (first-order gradients
-            only; Hessian of smooth losses, about 1e-4 of the radius in float32) or ``"auto"``
-            (exact, else finite differences where double backward is unavailable).
+            only; Hessian of smooth losses, about 1e-3 of the radius in float32), ``"auto"``
+            (exact, else finite differences where double backward is unavailable) or
+            ``"fastest"`` (finite differences where the loss is smooth and ``tol`` allows them,
+            else as ``"auto"``).
         step: the finite-difference step (default
             :func:`~lr_batch_callback.engine.finite_difference.default_step`).
     """
@@ -71,11 +73,13 @@ class OperatorOptions:
         check_bool(self.keep_graphs, "keep_graphs")
         check_bool(self.distributed, "distributed")
 
-    def build(self, curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]
-              ) -> Any:
-        """The operator of ``curvature`` on ``batches`` with these options."""
+    def build(self, curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
+              tol: float | None = None) -> Any:
+        """The operator of ``curvature`` on ``batches`` with these options (``tol``: the
+        accuracy the eigenvalues will be asked for, which ``product="fastest"`` decides by)."""
         return build_operator(
-            curvature, self.product, model, loss_fn, batches, step=self.step, params=self.params,
+            curvature, self.product, model, loss_fn, batches, step=self.step, tol=tol,
+            params=self.params,
             micro_batch_size=self.micro_batch_size, keep_graphs=self.keep_graphs,
             batch_size_fn=self.batch_size_fn, weight_fn=self.weight_fn,
             distributed=self.distributed,
@@ -160,7 +164,7 @@ def hessian_eigenvalues(
     """
     opts = options or OperatorOptions()
     start = time.perf_counter()
-    with opts.build(curvature, model, loss_fn, _data(batch)) as operator:
+    with opts.build(curvature, model, loss_fn, _data(batch), tol=tol) as operator:
         result = lanczos(operator, k, which=which, tol=tol, max_iter=max_iter, seed=seed)
         num_samples, num_tokens = operator.local_samples, operator.total_tokens
         product = operator.product

@@ -122,6 +122,12 @@ class FiniteDifferenceHessian(_ModelCurvature):
             "piecewise-linear operation the build could not see, data-dependent control flow), "
             "where differences of gradients measure jumps: use product='exact'")
 
+    @property
+    def base_gradient(self) -> Tensor | None:
+        r"""This process's flat :math:`\sum_b w_b \nabla L_b(\theta_0)` (``None`` once released):
+        the gradient every product differences against, reusable by a line search."""
+        return self._gradient
+
     # -- what subclasses for sharded parameters change -------------------------------------------
     def _tensors(self) -> list[Tensor]:
         """The tensors the parameters' values live in, moved in place by a product."""

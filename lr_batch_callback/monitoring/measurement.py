@@ -2,8 +2,9 @@
 
 :class:`MonitorConfig` says what a measurement measures; :func:`measure_spectrum` builds the
 curvature operator on the batch *once* and runs on it everything that is due — λ_max (every
-time), λ_min (every ``lambda_min_every``-th), the density (every ``density_every``-th) and, for
-Adam-family optimizers, the preconditioned sharpness — returning a typed
+time), λ_min (every ``lambda_min_every``-th), the density (every ``density_every``-th), the
+critical sharpness and, when asked for Adam-family optimizers, the preconditioned sharpness —
+returning a typed
 :class:`~lr_batch_callback.monitoring.record.SpectrumRecord` and the measured costs. Nothing here knows
 Lightning; the :class:`~lr_batch_callback.callbacks.SpectrumMonitor` callback decides when.
 """
@@ -29,7 +30,7 @@ from lr_batch_callback.engine.critical import LineLoss
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
 from lr_batch_callback.engine.operators import CurvatureOperator, LossFn
-from lr_batch_callback.engine.products import build_operator, check_product
+from lr_batch_callback.engine.products import base_gradient, build_operator, check_product
 from lr_batch_callback.engine.sharded import is_sharded
 from lr_batch_callback.monitoring.critical import critical_ratio, measure_critical
 from lr_batch_callback.monitoring.directions import adam_preconditioner
@@ -75,11 +76,17 @@ class MonitorConfig:
         critical_sharpness: also measure the critical sharpness along the (preconditioned)
             gradient and along the optimizer's actual update (forward passes only: one gradient,
             then about 3 forward passes per direction; :mod:`~lr_batch_callback.engine.critical`).
-        product: how curvature products are computed: ``"exact"`` (double backward),
-            ``"finite_difference"`` (first-order gradients; Hessian of smooth losses only) or
-            ``"auto"`` (the default: exact, else finite differences where double backward is
-            unavailable, FSDP2 shards included, so that a run keeps its measurements);
-            :mod:`~lr_batch_callback.engine.products`. Records say which was used.
+        preconditioned_sharpness: also measure Adam's preconditioned sharpness
+            λ_max(P⁻¹H) (Adam-family optimizers; a second eigenproblem, about as dear as the
+            first, with exact products; it feeds ``hessian/stability`` for Adam). Off by default:
+            on a GPT-like transformer it alone costs 12 training steps, and the critical
+            sharpness along −P⁻¹g ranks Adam's failed runs as well (the README's Stability).
+        product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
+            ``"fastest"`` (the default: forward differences of first-order gradients where the
+            loss is smooth and ``tol`` allows them, about 1e-3 of the radius in float32, at one
+            forward+backward per product; else the exact product; else differences where double
+            backward is unavailable, FSDP2 shards included), ``"auto"`` (exact wherever double
+            backward exists), ``"exact"`` or ``"finite_difference"``. Records say which ran.
     """
 
     curvature: str = "hessian"
@@ -93,7 +100,8 @@ class MonitorConfig:
     max_overhead: float | None = 0.05
     save_spectra: bool = True
     critical_sharpness: bool = True
-    product: str = "auto"
+    preconditioned_sharpness: bool = False
+    product: str = "fastest"
 
     def __post_init__(self) -> None:
         check_curvature(self.curvature)
@@ -110,6 +118,7 @@ class MonitorConfig:
         check_fraction(self.max_overhead, "max_overhead", allow_none=True, meaning="no budget")
         check_bool(self.save_spectra, "save_spectra")
         check_bool(self.critical_sharpness, "critical_sharpness")
+        check_bool(self.preconditioned_sharpness, "preconditioned_sharpness")
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,8 @@ class TrainingState:
         step: the optimizer step after which the measurement runs.
         epoch: the epoch.
         effective_batch_size: samples per optimizer step, when known.
-        optimizer: the (first) optimizer; Adam-family ones also get the preconditioned sharpness.
+        optimizer: the (first) optimizer (the update direction of the critical sharpness; Adam's
+            preconditioner).
         lr: the learning rate its next step uses (first param group, batch-size factor included).
         lr_factor: the batch-size LR factor in force.
     """
@@ -185,7 +195,12 @@ def measure_spectrum(
         ``(record, cost)``: the complete record, and the measured costs for the budget.
     """
     begin = time.perf_counter()
+    preconditioned = (config.preconditioned_sharpness and state.optimizer is not None
+                      and bool(is_adaptive(state.optimizer)))
+    # The preconditioned eigenproblem needs exact products (see _preconditioned_sharpness): then
+    # "fastest" gets no tolerance to trade, and chooses as "auto".
     operator = build_operator(config.curvature, config.product, model, loss_fn, [batch],
+                              tol=None if preconditioned else config.tol,
                               batch_size_fn=batch_size_fn, distributed=distributed)
     built = time.perf_counter()
     with operator:
@@ -196,15 +211,17 @@ def measure_spectrum(
         # Sharded (FSDP2) parameters: Adam's preconditioner and the line searches work on whole
         # parameters, which no rank holds; the measurement is the eigenvalues.
         sharded = is_sharded(operator.params)
-        sharpness = (None if sharded else
-                     _preconditioned_sharpness(operator, config, state.optimizer, seed))
+        sharpness = (_preconditioned_sharpness(operator, config, state.optimizer, seed)
+                     if preconditioned and operator.product == "exact" else None)
         products = operator.num_products
         samples, tokens = int(operator.total_samples), operator.total_tokens
         product = operator.product
         # The line searches run on the operator's (micro-)batches and weights, after its graphs
         # are freed.
+        # The operator holds the gradient at θ0 of the same batches: the line search reuses it.
         line = LineLoss(model, loss_fn, operator.batches, operator.weights,
-                        params=operator.params, distributed=operator.distributed)
+                        params=operator.params, distributed=operator.distributed,
+                        gradient=None if sharded else base_gradient(operator))
     spectral = time.perf_counter()
     critical = measure_critical(line, state) if config.critical_sharpness and not sharded else None
     seconds = time.perf_counter() - begin
@@ -240,7 +257,13 @@ def _density(operator: CurvatureOperator, config: MonitorConfig, seed: int) -> D
 
 def _preconditioned_sharpness(operator: Any, config: MonitorConfig,
                               optimizer: torch.optim.Optimizer | None, seed: int) -> float | None:
-    """λ_max of :math:`P^{-1/2} H P^{-1/2}` for Adam-family optimizers; ``None`` otherwise."""
+    r"""λ_max of :math:`P^{-1/2} H P^{-1/2}` for Adam-family optimizers; ``None`` otherwise.
+
+    Exact products only: :math:`P^{-1/2}` reaches :math:`1/\sqrt{\epsilon}` on parameters with
+    no second moment yet (embedding rows of unseen tokens), and it multiplies the rounding of a
+    difference of gradients: on a GPT-like transformer the preconditioned difference operator
+    was asymmetric by 0.2–0.4 of its radius.
+    """
     if optimizer is None or not is_adaptive(optimizer):
         return None
     scale = adam_preconditioner(optimizer, list(operator.params))
