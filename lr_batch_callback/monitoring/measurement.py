@@ -80,7 +80,8 @@ class MonitorConfig:
             λ_max(P⁻¹H) (Adam-family optimizers; a second eigenproblem, about as dear as the
             first, with exact products; it feeds ``hessian/stability`` for Adam). Off by default:
             on a GPT-like transformer it alone costs 12 training steps, and the critical
-            sharpness along −P⁻¹g ranks Adam's failed runs as well (the README's Stability).
+            sharpness along −P⁻¹g ranks Adam's failed runs as well (README, Critical sharpness). With
+            product='finite_difference' it is not measured (exact products only).
         product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
             ``"fastest"`` (the default: forward differences of first-order gradients where the
             loss is smooth and ``tol`` allows them, about 1e-3 of the radius in float32, at one
