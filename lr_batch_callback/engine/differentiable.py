@@ -22,8 +22,11 @@ them back afterwards. Non-reentrant checkpoints re-run their forward inside the 
 the substitutes must also be in force during every product, not only the graph build (the
 operators of :mod:`~lr_batch_callback.engine.operators` re-enter this context for each one).
 The substitutions are exact: the forward values are the same functions,
-only the kernels differ. (Module-level functions are patched while the block runs, so another
-thread calling them at the same time sees the substitutes too.)
+only the kernels differ. The Python-level substitutes are per thread: while a block runs, the
+patched module attributes dispatch on the calling thread, so a thread that is not inside the
+block keeps the originals. The kernel switches (math attention, cuDNN off) are torch's
+process-wide backend flags: a thread running meanwhile computes the same functions on the math
+kernels.
 
 :func:`explain_missing_double_backward` turns PyTorch's raw "derivative for ... is not
 implemented" into an error that names the operation and what to do;
@@ -36,7 +39,8 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -61,9 +65,11 @@ def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
 def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     # torch._weight_norm(v, g, dim) = v * (g / ||v||), the norm over every dim but ``dim``.
     if dim == -1:
-        return v * (g / v.norm())
+        whole: Tensor = v * (g / v.norm())
+        return whole
     dims = [d for d in range(v.dim()) if d != dim]
-    return v * (g / v.norm(dim=dims, keepdim=True))
+    per_slice: Tensor = v * (g / v.norm(dim=dims, keepdim=True))
+    return per_slice
 
 
 def _dense(original: Any, sparse_position: int) -> Any:
@@ -79,20 +85,70 @@ def _dense(original: Any, sparse_position: int) -> Any:
     return call
 
 
-@contextlib.contextmanager
-def _patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
-    # Restore what the owner itself held: an inherited attribute (a classmethod of a base class)
-    # is deleted again rather than copied onto the owner as a bound method.
-    own = name in vars(owner)
-    original = vars(owner)[name] if own else None
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        if own:
-            setattr(owner, name, original)
-        else:
-            delattr(owner, name)
+class _ThreadScopedPatches:
+    """Module attributes that call a substitute only in threads inside :func:`twice_differentiable`.
+
+    While at least one thread is inside the block, each patched attribute holds a dispatcher that
+    calls the substitute when the calling thread is inside the block and the original otherwise,
+    so a thread that is training meanwhile keeps the original kernels. The attributes are
+    installed by the first thread to enter and restored by the last one to leave (a lock orders
+    the two), and an attribute the owner only inherited (a classmethod of a base class) is
+    deleted again rather than copied onto the owner.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._inside = threading.local()
+        self._saved: list[tuple[Any, str, bool, Any]] = []  # owner, name, own, original
+
+    def active(self) -> bool:
+        """Whether the calling thread is inside the block."""
+        return bool(getattr(self._inside, "depth", 0))
+
+    @contextlib.contextmanager
+    def scope(self, targets: Callable[[], list[tuple[Any, str, Any]]]) -> Iterator[None]:
+        """Put the substitutes of ``targets()`` (owner, name, substitute) in force for this thread."""
+        self._inside.depth = getattr(self._inside, "depth", 0) + 1
+        with self._lock:
+            if self._users == 0:
+                self._install(targets())
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore()
+            self._inside.depth -= 1
+
+    def _install(self, targets: list[tuple[Any, str, Any]]) -> None:
+        for owner, name, substitute in targets:
+            own = name in vars(owner)
+            stored = vars(owner)[name] if own else None
+            original = getattr(owner, name)
+            self._saved.append((owner, name, own, stored))
+            dispatch = self._dispatcher(original, substitute)
+            setattr(owner, name, staticmethod(dispatch) if isinstance(owner, type) else dispatch)
+
+    def _dispatcher(self, original: Callable[..., Any], substitute: Callable[..., Any]
+                    ) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return (substitute if self.active() else original)(*args, **kwargs)
+
+        return call
+
+    def _restore(self) -> None:
+        for owner, name, own, stored in reversed(self._saved):
+            if own:
+                setattr(owner, name, stored)
+            else:
+                delattr(owner, name)
+        self._saved.clear()
+
+
+_PATCHES = _ThreadScopedPatches()
 
 
 def _non_reentrant(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
@@ -123,31 +179,43 @@ def twice_differentiable() -> Iterator[None]:
         torch.Size([4])
     """
     with contextlib.ExitStack() as stack:
+        # Kernel choices are torch's process-wide backend flags (no per-thread switch exists):
+        # another thread running meanwhile computes the same functions with the math kernels.
         stack.enter_context(_math_attention())
         stack.enter_context(torch.backends.cudnn.flags(enabled=False))
-        stack.enter_context(_patched(F, "hardsigmoid", _hardsigmoid))
-        stack.enter_context(_patched(torch, "_weight_norm", _weight_norm))
-        legacy = sys.modules.get("torch.nn.utils.weight_norm")  # imported the name itself
-        if legacy is not None and hasattr(legacy, "_weight_norm"):
-            stack.enter_context(_patched(legacy, "_weight_norm", _weight_norm))
+        stack.enter_context(_PATCHES.scope(_substitutes))
+        yield
+
+
+def _substitutes() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, substitute) for every Python-level function that is replaced."""
+    targets: list[tuple[Any, str, Any]] = [
+        (F, "hardsigmoid", _hardsigmoid),
+        (torch, "_weight_norm", _weight_norm),
         # F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-        stack.enter_context(_patched(F, "embedding", _dense(F.embedding, 6)))
+        (F, "embedding", _dense(F.embedding, 6)),
         # F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode,
         #                 sparse, ...)
-        stack.enter_context(_patched(F, "embedding_bag", _dense(F.embedding_bag, 7)))
-        checkpointing = sys.modules.get("torch.utils.checkpoint")
-        if checkpointing is not None and hasattr(checkpointing, "CheckpointFunction"):
-            stack.enter_context(_patched(checkpointing.CheckpointFunction, "apply",
-                                         staticmethod(_non_reentrant)))
-        yield
+        (F, "embedding_bag", _dense(F.embedding_bag, 7)),
+    ]
+    legacy = sys.modules.get("torch.nn.utils.weight_norm")  # imported the name itself
+    if legacy is not None and hasattr(legacy, "_weight_norm"):
+        targets.append((legacy, "_weight_norm", _weight_norm))
+    checkpointing = sys.modules.get("torch.utils.checkpoint")
+    if checkpointing is not None and hasattr(checkpointing, "CheckpointFunction"):
+        targets.append((checkpointing.CheckpointFunction, "apply", _non_reentrant))
+    return targets
 
 
 _NOT_IMPLEMENTED = re.compile(r"derivative for (?:aten::)?([\w.:]+) is not implemented")
 
 
 def explain_missing_double_backward(error: BaseException) -> BaseException:
-    """``error`` itself, or a :class:`MissingDoubleBackwardError` naming the operation and the fix
-    when it is PyTorch's "derivative for X is not implemented" (or a sparse-gradient error)."""
+    """``error`` itself, or a :class:`MissingDoubleBackwardError` naming the operation and the fix.
+
+    The error is rewritten when it is PyTorch's "derivative for X is not implemented" (or a
+    sparse-gradient error).
+    """
     text = str(error)
     if "use_reentrant=True" in text:
         return MissingDoubleBackwardError(
@@ -180,7 +248,8 @@ def explain_missing_double_backward(error: BaseException) -> BaseException:
     return error
 
 
-_ONCE = torch.autograd.function.once_differentiable(lambda ctx, *grads: grads).__code__
+# The code object every @once_differentiable wrapper shares (the wrapped function is irrelevant).
+_ONCE = torch.autograd.function.once_differentiable(lambda _ctx, *grads: grads).__code__
 _DELAYED = ("torch::autograd::Error", "torch::autograd::DelayedError")
 
 
@@ -197,9 +266,9 @@ def _nodes(roots: Sequence[Any]) -> Iterator[Any]:
 
 
 def check_second_derivatives(grads: Sequence[Tensor], outputs: Sequence[Tensor]) -> None:
-    """Raise if the graph of ``grads`` (built with ``create_graph=True``) passes through a
-    backward marked ``@once_differentiable``.
+    """Raise if the graph of ``grads`` passes through a backward marked ``@once_differentiable``.
 
+    ``grads`` were built with ``create_graph=True``.
     Such a backward's outputs are detached copies behind a ``DelayedError`` node that PyTorch
     prunes when the parameters are differentiated again, so the second derivative through it is
     silently zero: the "Hessian" would be wrong (and asymmetric), not refused.

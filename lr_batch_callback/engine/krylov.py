@@ -41,6 +41,8 @@ Lanczos quadrature (:mod:`~lr_batch_callback.engine.density`) both run on this k
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -52,16 +54,20 @@ __all__ = ["LanczosRecurrence", "random_rows"]
 
 
 def random_rows(num: int, dim: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """``num`` random Gaussian rows, drawn on the CPU (the same on every device and rank for one
-    seed) in ``like``'s precision, returned on its device and dtype."""
+    """``num`` random Gaussian rows in ``like``'s precision, on its device and dtype.
+
+    They are drawn on the CPU, so one seed gives the same rows on every device and rank.
+    """
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     rows = torch.randn(num, dim, generator=generator, dtype=dtype)
     return rows.to(device=like.device, dtype=like.dtype)
 
 
 def _project_out(R: Tensor, Q: Tensor) -> Tensor:
-    """Classical Gram–Schmidt: the coefficients ``R Qᵀ`` of ``R``'s rows on ``Q``'s rows; ``R`` is
-    updated in place."""
+    """Classical Gram–Schmidt: project ``Q``'s rows out of ``R`` in place.
+
+    Returns the coefficients ``R Qᵀ`` of ``R``'s rows on ``Q``'s rows.
+    """
     C = R @ Q.T
     R.addmm_(C, Q, alpha=-1)  # in place: no temporary of R's size
     return C
@@ -82,7 +88,9 @@ class LanczosRecurrence:
 
     Attributes:
         steps: block steps in the current basis (a breakdown can lower it).
-        num_products: operator products used (every step costs ``n·b``, discarded ones too).
+        num_products: operator products used over the recurrence's life, restarts included
+            (every step costs ``n·b``, discarded ones too).
+        restarts: thick restarts performed.
         coupling: ``(n, l, b)`` float64 coefficients ``locked · A · X_1ᵀ`` (thick restart).
     """
 
@@ -110,6 +118,8 @@ class LanczosRecurrence:
         self._next = start.to(device=operator.device, dtype=operator.dtype).clone()
         self.steps = 0
         self.num_products = 0
+        self.restarts = 0
+        self._steps_before_restart = 0
         self._checked = 0
         self._diag: list[Tensor] = []  # A_j, (n, b, b)
         self._off: list[Tensor] = []  # G_j, (n, b, b)
@@ -135,13 +145,25 @@ class LanczosRecurrence:
         self._basis[0, :count] = locked
         self.num_locked = count
         self._next = start.reshape(1, self.block, -1).clone()
+        self._steps_before_restart += self.steps
+        self.restarts += 1
         self.steps = self._checked = 0
         for values in (self._diag, self._off, self._norms, self._scale):
             values.clear()
         self.coupling = None
         self.breakdown = [None]
 
+    @property
+    def total_steps(self) -> int:
+        """Block steps over the recurrence's life, those before thick restarts included."""
+        return self._steps_before_restart + self.steps
+
     # -- the basis ------------------------------------------------------------------------------
+    @property
+    def basis_rows(self) -> int:
+        """Rows of the current basis, locked rows included."""
+        return self.num_locked + self.steps * self.block
+
     @property
     def full(self) -> bool:
         """Whether another step would exceed the basis capacity (never, without a capacity)."""
@@ -169,8 +191,10 @@ class LanczosRecurrence:
 
     # -- one step -------------------------------------------------------------------------------
     def _orthogonal_to(self, chain: int, j: int) -> tuple[Tensor, slice, slice | None]:
-        """The rows block ``j``'s products are orthogonalised against, and where in them the
-        current block and the previous block sit."""
+        """The rows that block ``j``'s products are orthogonalised against.
+
+        Also returns where the current block and the previous block sit in them.
+        """
         b = self.block
         if self.capacity is not None:
             top = self.num_locked + (j + 1) * b
@@ -181,8 +205,10 @@ class LanczosRecurrence:
         return self._basis[chain], self._rows(j), self._rows(j - 1)
 
     def step(self) -> None:
-        """Expand the Krylov space by one block per chain (``n·b`` products; no host
-        synchronisation for ``b = 1``)."""
+        """Expand the Krylov space by one block per chain.
+
+        Costs ``n·b`` products; there is no host synchronisation for ``b = 1``.
+        """
         n, b = self.chains, self.block
         j = self.steps
         self._basis[:, self._rows(j)] = self._next
@@ -233,7 +259,7 @@ class LanczosRecurrence:
         """
         alpha = diag.diagonal(dim1=-2, dim2=-1).abs()
         eps = torch.finfo(self.operator.dtype).eps
-        return eps**0.5 * torch.maximum(torch.maximum(scale, alpha),
+        return math.sqrt(eps) * torch.maximum(torch.maximum(scale, alpha),
                                         torch.full_like(scale, 1e-300))
 
     def _orthonormalise(self, R: Tensor, scale: Tensor, diag: Tensor, j: int
@@ -314,9 +340,11 @@ class LanczosRecurrence:
                     self.breakdown[c] = lo + int(hits[0])
 
     def truncate_at_breakdown(self) -> bool:
-        """Drop the steps after a single chain's breakdown (they expanded rounding noise; their
-        products stay counted), leaving ``T`` exact on the invariant subspace; whether there was
-        one."""
+        """Drop the steps after a single chain's breakdown; return whether there was one.
+
+        Those steps expanded rounding noise (their products stay counted); what is left makes
+        ``T`` exact on the invariant subspace.
+        """
         self.coefficients()
         if self.chains != 1 or self.breakdown[0] is None:
             return False
@@ -328,9 +356,12 @@ class LanczosRecurrence:
         return True
 
     def continue_after_breakdown(self) -> None:
-        """After :meth:`truncate_at_breakdown`: continue from a random unit row orthogonal to the
-        whole basis, with zero coupling, so the tridiagonal splits into independent blocks.
-        Needs a basis capacity and one chain of block size 1 (the eigensolver's setting)."""
+        """After :meth:`truncate_at_breakdown`, continue from a random row orthogonal to the basis.
+
+        The new row is a unit vector with zero coupling, so the tridiagonal splits into
+        independent blocks. Needs a basis capacity and one chain of block size 1 (the
+        eigensolver's setting).
+        """
         if self.capacity is None or self.chains != 1 or self.block != 1:
             raise RuntimeError("continue_after_breakdown needs one chain, b = 1 and a capacity.")
         self.breakdown[0] = None

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -148,8 +148,10 @@ class LanczosResult:
 
 
 def default_max_iter(dim: int, k: int, block_size: int = 1) -> int:
-    """Default product cap: ``max(100, 10k)`` steps' worth of blocks (enough for hard spectra,
-    never the 2k-step trap), and never more than ``dim`` products."""
+    """Default product cap: ``max(100, 10k)`` steps' worth of blocks, at most ``dim`` products.
+
+    That is enough for hard spectra, and never the 2k-step trap.
+    """
     return min(dim, max(100, 10 * k) * block_size)
 
 def _validate(k: int, which: str, tol: float, max_iter: int | None, dim: int) -> int:
@@ -181,21 +183,24 @@ def _start_block(operator: CurvatureOperator, v0: Tensor | None, b: int,
         usable = given[torch.isfinite(norms) & (norms > 0)][:b]
         rows[: usable.shape[0]] = usable
     if b == 1:  # a norm, not a QR of a (P, 1) matrix in float64
-        return (rows / torch.linalg.vector_norm(rows)).reshape(1, 1, -1)
+        unit: Tensor = (rows / torch.linalg.vector_norm(rows)).reshape(1, 1, -1)
+        return unit
     Q, _ = torch.linalg.qr(rows.T.to(torch.float64))
-    return Q.T.to(like).reshape(1, b, -1)
+    block: Tensor = Q.T.to(like).reshape(1, b, -1)
+    return block
 
 
 def _capacity(opts: LanczosOptions, operator: CurvatureOperator, wanted: int, b: int,
               cap: int, local: bool) -> int | None:
     if local:
         return None
+    dim = int(operator.dim)
     least = 4 * wanted + 2 * b
     if opts.max_basis is not None:
-        return min(operator.dim, max(opts.max_basis, wanted + b))
-    itemsize = torch.empty(0, dtype=operator.dtype).element_size()
-    by_memory = _BASIS_BYTES // (operator.dim * itemsize)
-    return min(operator.dim, max(least, min(by_memory, cap + b)))
+        return min(dim, max(opts.max_basis, wanted + b))
+    itemsize = int(torch.empty(0, dtype=operator.dtype).element_size())
+    by_memory = _BASIS_BYTES // (dim * itemsize)
+    return min(dim, max(least, min(by_memory, cap + b)))
 
 
 def lanczos(
@@ -240,117 +245,182 @@ def lanczos(
                         options or LanczosOptions())
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The fixed settings of one run, derived once from the arguments."""
+
+    k: int
+    which: str
+    tol: float
+    wanted: int  # eigenvalues asked for: k, or 2k for both ends
+    block: int
+    cap: int  # operator products allowed
+    capacity: int | None  # basis rows; None: the three-term recurrence
+    check_every: int  # steps between stopping tests
+    rounding: float  # sqrt(eps) of the operator's dtype, relative to the radius
+    symmetry_tol: float
+    eigenvectors: bool
+    warn_unconverged: bool
+
+
+@dataclass
+class _Run:
+    """What changes during a run: the recurrence and the latest Ritz decomposition."""
+
+    rec: LanczosRecurrence
+    generator: torch.Generator
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Ritz values kept at restarts
+    theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    Y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    residual: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    asymmetry: float = 0.0
+    converged: bool = False
+    exhausted: bool = False  # the basis spans an invariant subspace: the Ritz values are exact
+    complement: Tensor | None = None  # rows that completed the basis to the whole space
+
+    @property
+    def products(self) -> int:
+        return self.rec.num_products + (0 if self.complement is None else len(self.complement))
+
+
+def _plan(operator: CurvatureOperator, k: int, which: str, tol: float, max_iter: int | None,
+          v0: Tensor | None, eigenvectors: bool, opts: LanczosOptions) -> _Plan:
+    wanted = _validate(k, which, tol, max_iter, operator.dim)
+    check_bool(eigenvectors, "return_eigenvectors")
+    b = min(opts.block_size or k, operator.dim)
+    cap = default_max_iter(operator.dim, k, b) if max_iter is None else max_iter
+    # One extreme value and nothing else: two vectors suffice, whatever the number of steps.
+    local = b == 1 and k == 1 and v0 is None and not eigenvectors and opts.max_basis is None
+    rounding = math.sqrt(torch.finfo(operator.dtype).eps)
+    return _Plan(
+        k=k, which=which, tol=tol, wanted=wanted, block=b, cap=cap,
+        capacity=_capacity(opts, operator, wanted, b, cap, local),
+        check_every=opts.check_every or (1 if operator.device.type == "cpu" else 4),
+        rounding=rounding,
+        symmetry_tol=(_SYMMETRY * rounding if operator.symmetry_tolerance is None
+                      else operator.symmetry_tolerance),
+        eigenvectors=eigenvectors, warn_unconverged=opts.warn_unconverged)
+
+
 def _lanczos(operator: CurvatureOperator, k: int, which: str, tol: float, max_iter: int | None,
              v0: Tensor | None, seed: int | None, return_eigenvectors: bool,
              opts: LanczosOptions) -> LanczosResult:
-    dim = operator.dim
-    wanted = _validate(k, which, tol, max_iter, dim)
-    check_bool(return_eigenvectors, "return_eigenvectors")
-    b = min(opts.block_size or k, dim)
-    cap = default_max_iter(dim, k, b) if max_iter is None else max_iter
-    local = b == 1 and k == 1 and v0 is None and not return_eigenvectors and opts.max_basis is None
-    capacity = _capacity(opts, operator, wanted, b, cap, local)
-    check_every = opts.check_every or (1 if operator.device.type == "cpu" else 4)
-
-    if seed is None:
-        seed = fresh_seed(operator)
-    generator = torch.Generator().manual_seed(seed)
-    rec = LanczosRecurrence(operator, _start_block(operator, v0, b, generator),
-                            capacity=capacity, generator=generator)
-    kept = np.zeros(0)  # Ritz values kept by thick restarts
-    products_before = steps_before = restarts = 0
-    converged = exhausted = False
-    asymmetry = 0.0
-    rounding = math.sqrt(torch.finfo(operator.dtype).eps)  # of the radius, for lower_bound
-    symmetry_tol = (_SYMMETRY * rounding if operator.symmetry_tolerance is None
-                    else operator.symmetry_tolerance)
-    theta = Y = residual = np.zeros(0)
-    since_check = 0
-
-    complement: Tensor | None = None
+    plan = _plan(operator, k, which, tol, max_iter, v0, return_eigenvectors, opts)
+    generator = torch.Generator().manual_seed(fresh_seed(operator) if seed is None else seed)
+    rec = LanczosRecurrence(operator, _start_block(operator, v0, plan.block, generator),
+                            capacity=plan.capacity, generator=generator)
+    run = _Run(rec, generator)
     while True:
-        rec.step()
-        since_check += 1
-        products = products_before + rec.num_products
-        if since_check < check_every and products + b <= cap and not rec.full:
+        _advance(run, plan)
+        if _invariant_subspace(run, plan) == "continue":
             continue
-        since_check = 0
-        if rec.truncate_at_breakdown():
-            # An invariant subspace. From a random start it holds every eigen-direction the
-            # start touched: the Ritz values are exact. Otherwise (a warm start, a block) go on
-            # from a fresh direction orthogonal to it, unless it is the whole space.
-            exhausted = capacity is None or rec.num_locked + rec.steps * b >= dim
-            if not exhausted:
-                rec.continue_after_breakdown()
-                continue
-        exhausted = exhausted or (capacity is not None and rec.num_locked + rec.steps * b >= dim)
-        theta, Y, residual = ritz(rec, kept)
-        scale = float(np.abs(theta).max()) if theta.size else 0.0
-        asymmetry = max(asymmetry, rec.asymmetry / max(scale, 1e-300))
-        if asymmetry > symmetry_tol:
+        if _test(run, plan) == "stop":
             break
-        idx = wanted_indices(theta.size, k, which)
-        # Eigenvectors asked for: their residuals must meet the tolerance too (an eigenvector's
-        # error is its residual over the gap, not the residual squared).
-        bounds = residual[idx] if return_eigenvectors else floor_bounds(
-            theta, error_bounds(theta, residual, idx), idx, k, which, operator.lower_bound,
-            rounding * scale)
-        limit = tol * np.maximum(np.abs(theta[idx]), FLOOR * scale)
-        if exhausted or (len(idx) >= wanted and bool((bounds <= limit).all())):
-            converged = True
-            break
-        rows = rec.num_locked + rec.steps * b
-        if capacity is not None and dim < rows + b:
-            # A whole block no longer fits: finish with the exact complement instead.
-            if products + dim - rows <= cap:
-                theta, Y, residual, complement = complete(rec, kept, generator)
-                converged = exhausted = True
-            break
-        if products + b > cap:
-            break
-        if rec.full:
-            assert capacity is not None
-            steps_before += rec.steps
-            kept = thick_restart(rec, theta, Y, k, which, capacity)
-            products_before += rec.num_products
-            rec.num_products = 0
-            restarts += 1
+    return _result(run, plan)
 
-    products = products_before + rec.num_products + (0 if complement is None else len(complement))
-    idx = wanted_indices(theta.size, k, which)
-    bounds = np.zeros(len(idx)) if exhausted else floor_bounds(
-        theta, error_bounds(theta, residual, idx), idx, k, which, operator.lower_bound,
-        rounding * float(np.abs(theta).max(initial=0.0)))
-    if asymmetry > symmetry_tol:
-        converged = False
+
+def _advance(run: _Run, plan: _Plan) -> None:
+    """Take steps up to the next stopping test.
+
+    That is ``check_every`` steps, fewer when the product cap or the basis capacity would be
+    reached first.
+    """
+    rec = run.rec
+    for _ in range(plan.check_every):
+        rec.step()
+        if rec.num_products + plan.block > plan.cap or rec.full:
+            return
+
+
+def _invariant_subspace(run: _Run, plan: _Plan) -> str:
+    """After a breakdown: ``"continue"`` from a fresh direction, or ``"test"`` the Ritz values.
+
+    From a random start an invariant subspace holds every eigen-direction the start touched, so
+    its Ritz values are exact. After a warm start or in a block it may not: go on from a fresh
+    direction orthogonal to it, unless it is the whole space.
+    """
+    rec = run.rec
+    if rec.truncate_at_breakdown():
+        run.exhausted = plan.capacity is None or rec.basis_rows >= rec.operator.dim
+        if not run.exhausted:
+            rec.continue_after_breakdown()
+            return "continue"
+    return "test"
+
+
+def _test(run: _Run, plan: _Plan) -> str:
+    """The stopping test, or a thick restart: ``"stop"`` or ``"go"``."""
+    rec, dim, b = run.rec, run.rec.operator.dim, plan.block
+    run.exhausted = run.exhausted or (plan.capacity is not None and rec.basis_rows >= dim)
+    run.theta, run.Y, run.residual = ritz(rec, run.kept)
+    scale = float(np.abs(run.theta).max()) if run.theta.size else 0.0
+    run.asymmetry = max(run.asymmetry, rec.asymmetry / max(scale, 1e-300))
+    if run.asymmetry > plan.symmetry_tol:
+        return "stop"
+    idx = wanted_indices(run.theta.size, plan.k, plan.which)
+    # Eigenvectors asked for: their residuals must meet the tolerance too (an eigenvector's
+    # error is its residual over the gap, not the residual squared).
+    bounds = run.residual[idx] if plan.eigenvectors else _bounds(run, plan, idx)
+    limit = plan.tol * np.maximum(np.abs(run.theta[idx]), FLOOR * scale)
+    if run.exhausted or (len(idx) >= plan.wanted and bool((bounds <= limit).all())):
+        run.converged = True
+        return "stop"
+    if plan.capacity is not None and dim < rec.basis_rows + b:
+        # A whole block no longer fits: finish with the exact complement instead.
+        if rec.num_products + dim - rec.basis_rows <= plan.cap:
+            run.theta, run.Y, run.residual, run.complement = complete(rec, run.kept, run.generator)
+            run.converged = run.exhausted = True
+        return "stop"
+    if rec.num_products + b > plan.cap:
+        return "stop"
+    if rec.full:
+        assert plan.capacity is not None
+        run.kept = thick_restart(rec, run.theta, run.Y, plan.k, plan.which, plan.capacity)
+    return "go"
+
+
+def _bounds(run: _Run, plan: _Plan, idx: list[int]) -> np.ndarray:
+    """Error bounds of the wanted Ritz values (module docstring), floored by rounding."""
+    scale = float(np.abs(run.theta).max(initial=0.0))
+    return floor_bounds(run.theta, error_bounds(run.theta, run.residual, idx), idx, plan.k,
+                        plan.which, run.rec.operator.lower_bound, plan.rounding * scale)
+
+
+def _result(run: _Run, plan: _Plan) -> LanczosResult:
+    """The wanted Ritz pairs, with a warning when they are unreliable or unconverged."""
+    idx = wanted_indices(run.theta.size, plan.k, plan.which)
+    bounds = np.zeros(len(idx)) if run.exhausted else _bounds(run, plan, idx)
+    if run.asymmetry > plan.symmetry_tol:
+        run.converged = False
         warnings.warn(
             f"The curvature operator is not symmetric: products disagree with their transposes by "
-            f"{asymmetry:.2e} of the spectral radius (more than the {symmetry_tol:.0e} its "
-            "accuracy allows). Its eigenvalues are unreliable; converged=False. Likely causes: "
-            + (operator.asymmetry_causes or _ASYMMETRY_CAUSES) + ".",
-            RuntimeWarning, stacklevel=2,
+            f"{run.asymmetry:.2e} of the spectral radius (more than the {plan.symmetry_tol:.0e} "
+            "its accuracy allows). Its eigenvalues are unreliable; converged=False. Likely "
+            "causes: " + (run.rec.operator.asymmetry_causes or _ASYMMETRY_CAUSES) + ".",
+            RuntimeWarning, stacklevel=3,
         )
-    elif not converged and opts.warn_unconverged:
-        worst = float((bounds / np.maximum(np.abs(theta[idx]), 1e-300)).max())
+    elif not run.converged and plan.warn_unconverged:
+        worst = float((bounds / np.maximum(np.abs(run.theta[idx]), 1e-300)).max())
         warnings.warn(
-            f"Lanczos stopped at max_iter={cap} products before reaching tol={tol:g}: largest "
-            f"relative error bound {worst:.2e}. Raise max_iter or tol; the result's `converged` "
-            "is False.",
-            RuntimeWarning, stacklevel=2,
+            f"Lanczos stopped at max_iter={plan.cap} products before reaching tol={plan.tol:g}: "
+            f"largest relative error bound {worst:.2e}. Raise max_iter or tol; the result's "
+            "`converged` is False.",
+            RuntimeWarning, stacklevel=3,
         )
     vectors = None
-    if return_eigenvectors:
-        basis = rec.rows(0) if complement is None else torch.cat([rec.rows(0), complement])
-        vectors = torch.from_numpy(np.ascontiguousarray(Y[:, idx])).to(basis).T @ basis
+    if plan.eigenvectors:
+        rows = run.rec.rows(0)
+        basis = rows if run.complement is None else torch.cat([rows, run.complement])
+        vectors = torch.from_numpy(np.ascontiguousarray(run.Y[:, idx])).to(basis).T @ basis
     return LanczosResult(
-        eigenvalues=torch.from_numpy(theta[idx].copy()),
+        eigenvalues=torch.from_numpy(run.theta[idx].copy()),
         eigenvectors=vectors,
-        residuals=torch.from_numpy(residual[idx].copy()),
+        residuals=torch.from_numpy(run.residual[idx].copy()),
         error_bounds=torch.from_numpy(bounds.copy()),
-        converged=converged,
-        num_iterations=steps_before + rec.steps,
-        num_products=products,
-        ritz_values=torch.from_numpy(theta[::-1].copy()),
-        asymmetry=asymmetry,
-        restarts=restarts,
+        converged=run.converged,
+        num_iterations=run.rec.total_steps,
+        num_products=run.products,
+        ritz_values=torch.from_numpy(run.theta[::-1].copy()),
+        asymmetry=run.asymmetry,
+        restarts=run.rec.restarts,
     )

@@ -26,9 +26,11 @@ _UNRESOLVED = 5.0
 
 
 def tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of the symmetric tridiagonal (diagonal ``alpha``, off-diagonal ``beta``),
-    ascending, in float64 with NumPy's LAPACK (torch's CPU ``eigh`` on small matrices can spend
-    milliseconds to seconds starting threads on a busy machine)."""
+    """Eigenpairs of the symmetric tridiagonal (diagonal ``alpha``, off-diagonal ``beta``), ascending.
+
+    Computed in float64 with NumPy's LAPACK: torch's CPU ``eigh`` on small matrices can spend
+    a long time starting threads on a busy machine.
+    """
     m = len(alpha)
     T = np.diag(np.asarray(alpha, dtype=np.float64))
     if m > 1:
@@ -39,8 +41,9 @@ def tridiagonal_eigh(alpha: list[float], beta: list[float]) -> tuple[Tensor, Ten
 
 
 def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: list[int]) -> np.ndarray:
-    r"""Eigenvalue error bounds of the Ritz values ``theta[indices]``
-    (:mod:`~lr_batch_callback.engine.lanczos` explains them):
+    r"""Eigenvalue error bounds of the Ritz values ``theta[indices]``.
+
+    :mod:`~lr_batch_callback.engine.lanczos` explains them:
     :math:`\max(\min(r_i, r_i^2/\delta_i),\ r_i/5)`, with :math:`\delta_i` trusted only when it
     exceeds :math:`r_i`.
 
@@ -82,7 +85,8 @@ def floor_bounds(theta: np.ndarray, bounds: np.ndarray, indices: list[int], k: i
     for n, i in enumerate(indices):
         if i < k:
             out[n] = min(out[n], max(float(theta[i]) - lower, 0.0))
-    return out
+    floored: np.ndarray = out
+    return floored
 
 
 def wanted_indices(n: int, k: int, which: str) -> list[int]:
@@ -119,8 +123,10 @@ def ritz(rec: LanczosRecurrence, kept: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def complete(rec: LanczosRecurrence, kept: np.ndarray, generator: torch.Generator
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
-    """Exact eigenpairs once the basis lacks fewer than a block of dimensions: the projection
-    on the basis ``V`` and its orthonormal complement ``C`` (``r < b`` rows, ``r`` products).
+    """Exact eigenpairs once the basis lacks fewer than a block of dimensions.
+
+    They come from the projection on the basis ``V`` and its orthonormal complement ``C``
+    (``r < b`` rows, ``r`` products).
 
     ``V A Vᵀ = T`` is known; with ``W = C A`` (symmetric ``A``), ``C A Vᵀ = W Vᵀ`` and
     ``C A Cᵀ = W Cᵀ``.
@@ -157,4 +163,5 @@ def thick_restart(rec: LanczosRecurrence, theta: np.ndarray, Y: np.ndarray, k: i
     coeffs = torch.from_numpy(np.ascontiguousarray(Y[:, keep])).to(rec.rows(0))
     locked = coeffs.T @ rec.rows(0)
     rec.restart(locked, rec.next_block()[0])
-    return theta[keep].copy()
+    kept: np.ndarray = theta[keep].copy()
+    return kept
