@@ -29,6 +29,7 @@ from torch import nn  # noqa: E402
 
 SPLIT = (7, 17)  # unequal shares of the engine's global batch
 EVERY = 2
+CRITICAL_FIRST = 0.05  # the line search's first step (an LR)
 
 
 def engine_model() -> nn.Module:
@@ -61,6 +62,8 @@ def run_engine(rank: int, port: int, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from lr_batch_callback import OperatorOptions, hessian_eigenvalues
+    from lr_batch_callback.engine.critical import critical_sharpness
+    from lr_batch_callback.engine.sharded import ShardedLineLoss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -80,6 +83,14 @@ def run_engine(rank: int, port: int, out: str) -> None:
         hessian_eigenvalues(model, mse, batch, options=OperatorOptions(distributed=True))
     except Exception as exc:  # the exact product has no way to the shards
         results["exact_error"] = f"{type(exc).__name__}: {exc}"
+    # Critical sharpness along -g on the shards: each rank moves its rows; losses summed.
+    line = ShardedLineLoss(model, mse, [batch], [SPLIT[rank] / sum(SPLIT)])
+    with line:
+        gradient = line.gradient()
+        step = critical_sharpness(line, gradient, [-g for g in gradient], CRITICAL_FIRST,
+                                  rtol=1e-6, max_passes=40)
+    results["critical"] = {"sharpness": step.sharpness, "converged": step.converged,
+                           "slope": step.slope}
     results["restored"] = all(torch.equal(a, p.to_local())
                               for a, p in zip(shards, model.parameters()))
     results["still_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
@@ -128,10 +139,16 @@ def run_lightning(out: str) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step % EVERY == 0:
-                state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-                         for k, v in pl_module.state_dict().items()}
+                def full(v: Any) -> Any:
+                    return (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+
+                state = {k: full(v) for k, v in pl_module.state_dict().items()}
+                optimizer = trainer.optimizers[0]
+                names = {id(p): n for n, p in pl_module.named_parameters()}
+                moments = {names[id(p)]: {k: full(v) for k, v in optimizer.state[p].items()}
+                           for p in optimizer.state}
                 self.steps[trainer.global_step] = {
-                    "state": state, "batch": tuple(t.clone() for t in batch),
+                    "state": state, "moments": moments, "batch": tuple(t.clone() for t in batch),
                     "sharded": all(isinstance(p, DTensor) for p in pl_module.parameters())}
 
     seed_everything(0)

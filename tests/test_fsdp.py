@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lr_batch_callback.engine.critical import LineLoss, critical_sharpness
+from lr_batch_callback.monitoring.directions import gradient_direction, update_direction
 from tests import fsdp_worker
 from tests.reference import dense_hessian, eigvalsh
 from tests.test_distributed import _env, _free_port, _Run
@@ -77,6 +79,25 @@ def test_sharded_parameters_stay_sharded_restored_and_without_grads(engine) -> N
         assert "product='finite_difference' or 'auto'" in rank["exact_error"]
 
 
+def test_sharded_critical_sharpness_is_the_global_batch_one_on_every_rank(engine) -> None:
+    # Reference: one process, the whole model, the concatenated global batch.
+    model = fsdp_worker.engine_model()
+    batch = fsdp_worker.global_batch()
+    line = LineLoss(model, fsdp_worker.mse, [batch], [1.0])
+    with line:
+        g = line.gradient()
+        expected = critical_sharpness(line, g, [-t for t in g], fsdp_worker.CRITICAL_FIRST,
+                                      rtol=1e-6, max_passes=40)
+    # (The single-process line search is checked against g'Hg/g'g on quadratics in
+    # tests/test_critical.py; this tanh network is not quadratic over the step.)
+    assert expected.converged
+    for rank in engine:
+        assert rank["critical"]["converged"]
+        assert rank["critical"]["slope"] == pytest.approx(expected.slope, rel=1e-9)
+        assert rank["critical"]["sharpness"] == pytest.approx(expected.sharpness, rel=1e-6)
+    assert engine[0]["critical"] == engine[1]["critical"]
+
+
 def _global_lambda_max(saved: list[dict[int, Any]], step: int) -> float:
     net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     state = {k.removeprefix("net."): v.double() for k, v in saved[0][step]["state"].items()}
@@ -103,3 +124,33 @@ def test_monitor_under_model_parallel_strategy_logs_the_global_lambda_max(lightn
         assert value == pytest.approx(_global_lambda_max(saved, step), rel=1e-3)
         assert ranks[0]["logged"] and all(
             m.get("hessian/finite_difference", 1.0) == 1.0 for _, m in ranks[0]["logged"])
+
+
+def _global_critical(saved: list[dict[int, Any]], step: int) -> tuple[float, float]:
+    """Critical sharpness along -P^-1 g and the AdamW update, one process, gathered state."""
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    net.load_state_dict({k.removeprefix("net."): v for k, v in saved[0][step]["state"].items()})
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for name, p in net.named_parameters():
+        optimizer.state[p] = dict(saved[0][step]["moments"][f"net.{name}"])
+    x = torch.cat([s[step]["batch"][0] for s in saved])
+    y = torch.cat([s[step]["batch"][1] for s in saved])
+    line = LineLoss(net, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(x, y)], [1.0])
+    with line:
+        g = line.gradient()
+        along = [critical_sharpness(line, g, build(optimizer, line.params, g), 1e-2).sharpness
+                 for build in (gradient_direction, update_direction)]
+    return along[0], along[1]
+
+
+def test_monitor_under_model_parallel_strategy_logs_the_critical_sharpness(lightning) -> None:
+    ranks, saved = lightning
+    logged = {step: m for step, m in ranks[0]["logged"] if "hessian/critical_sharpness" in m}
+    assert sorted(logged) == [2, 4, 6]
+    for step, metrics in logged.items():
+        gradient, update = _global_critical(saved, step)
+        # The search stops within 2 % of eta_c; float32 losses summed in another order.
+        assert metrics["hessian/critical_sharpness"] == pytest.approx(gradient, rel=0.05)
+        assert metrics["hessian/critical_sharpness_update"] == pytest.approx(update, rel=0.05)
+        assert metrics["hessian/critical_ratio"] == pytest.approx(
+            1e-2 * metrics["hessian/critical_sharpness"] / 2)

@@ -99,16 +99,21 @@ class BatchSizeReader:
             self._pending = size
 
     def follow(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        """Observe ``batch`` when the batches are what tells the size: always before the first
-        size is known, and while neither the loader nor ``attr`` says it."""
+        """Observe ``batch`` when the batches are what tells the size.
+
+        That is always before the first size is known, and while neither the loader nor ``attr``
+        says it.
+        """
         if (self.from_batches is None
                 or (self.loader(trainer) is None and self.attribute(pl_module) is None)):
             self.observe(batch)
 
     def per_device(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
+        """The per-device batch size: the loader's, else ``attr``'s, else the batches' (or ``None``)."""
         return self.loader(trainer) or self.attribute(pl_module) or self.from_batches
 
     def effective(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
+        """The effective batch size (:meth:`per_device` × accumulation × devices), if known."""
         per_device = self.per_device(trainer, pl_module)
         if per_device is None:
             return None

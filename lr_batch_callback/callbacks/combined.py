@@ -3,15 +3,16 @@
 The one-line way to get both parts: it builds a
 :class:`~lr_batch_callback.callbacks.BatchSizeLRScaling` (``.scaling``) and a
 :class:`~lr_batch_callback.callbacks.SpectrumMonitor` (``.monitor``) and forwards every hook to
-them, the LR part first so that a measurement sees the LR the next step uses. Use either part
-alone when that is all you need.
+them (every ``Callback`` hook, by construction), the LR part first so that a measurement sees the
+LR the next step uses and the batch size the LR part read. Use either part alone when that is
+all you need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -76,30 +77,39 @@ class BatchSizeLRCallback(StableCallback):
         self.monitor = SpectrumMonitor(monitor_every_n_steps, monitor,
                                        monitor_on_batch_size_change, loss_fn, batch_size_attr,
                                        batch_size_fn)
+        self.monitor.use_scaling(self.scaling)  # one batch-size reader, the LR from its scalers
         self._parts: tuple[Callback, ...] = (self.scaling, self.monitor)
 
     # -- the LR part's results, for convenience ----------------------------------------------------
     @property
     def factors(self) -> list[float]:
+        """The LR factor of each optimizer (``[]`` before the first one is set)."""
         return self.scaling.factors
 
     @property
     def reference_batch_size(self) -> int | None:
-        return self.scaling.reference_batch_size
+        """The effective batch size the configured LRs are for."""
+        size: int | None = self.scaling.reference_batch_size
+        return size
 
     @property
     def effective_batch_size(self) -> int | None:
-        return self.scaling.effective_batch_size
+        """The effective batch size now (samples per optimizer step over all devices)."""
+        size: int | None = self.scaling.effective_batch_size
+        return size
 
     @property
     def law(self) -> BatchSizeLaw | None:
+        """The fitted λ(B) law of ``rule="curvature"``, or ``None``."""
         return self.scaling.law
 
     @property
     def rule_names(self) -> list[str]:
+        """The rule in force for each optimizer."""
         return self.scaling.rule_names
 
     def scaling_metrics(self) -> dict[str, float]:
+        """The LR part's ``lr_batch/*`` metrics."""
         return self.scaling.scaling_metrics()
 
     # -- state -------------------------------------------------------------------------------------
@@ -112,36 +122,26 @@ class BatchSizeLRCallback(StableCallback):
         self.scaling.load_state_dict(state_dict)
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
 
-    # -- hooks, forwarded --------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for part in self._parts:
-            part.setup(trainer, pl_module, stage)
 
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for part in self._parts:
-            part.on_train_start(trainer, pl_module)
 
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        for part in self._parts:
-            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+def _hook_names() -> tuple[str, ...]:
+    """Every hook a Lightning ``Callback`` defines (``setup``, ``teardown`` and ``on_*``)."""
+    return tuple(name for name, member in vars(Callback).items()
+                 if callable(member) and (name.startswith("on_") or name in ("setup", "teardown")))
 
-    @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        for part in self._parts:
-            part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+def _forwarder(name: str) -> Callable[..., None]:
+    def hook(self: BatchSizeLRCallback, *args: Any, **kwargs: Any) -> None:
         for part in self._parts:
-            part.teardown(trainer, pl_module, stage)
+            getattr(part, name)(*args, **kwargs)
 
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
-                     exception: BaseException) -> None:
-        for part in self._parts:
-            part.on_exception(trainer, pl_module, exception)
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"``{name}`` of each part, the LR part first."
+    return hook
+
+
+# Every hook is forwarded by construction: a hook that a part implements (now or later) is never
+# silently dropped. The parts' no-op hooks cost a Python call each.
+for _name in _hook_names():
+    setattr(BatchSizeLRCallback, _name, _forwarder(_name))
+del _name

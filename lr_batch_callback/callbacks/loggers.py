@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lr_batch_callback.monitoring.record import SpectrumRecord
 from lr_batch_callback.monitoring.reporting import (
@@ -60,8 +60,11 @@ def _kind(logger: Logger) -> str:
 
 
 def spectra_directories(trainer: Trainer) -> list[tuple[Logger, Path | None]]:
-    """``(logger, folder)`` for each logger of the run (``None``: the logger stores artifacts
-    itself, e.g. MLflow). Call it on global rank 0 only; it runs no collective."""
+    """``(logger, folder)`` for each logger of the run, where its spectrum records go.
+
+    The folder is ``None`` where the logger stores artifacts itself (e.g. MLflow). Call it on
+    global rank 0 only; it runs no collective.
+    """
     out: list[tuple[Logger, Path | None]] = []
     for logger in trainer.loggers:
         kind = _kind(logger)
@@ -80,9 +83,18 @@ def spectra_directories(trainer: Trainer) -> list[tuple[Logger, Path | None]]:
     return out
 
 
-def publish_record(trainer: Trainer, record: SpectrumRecord,
+# ``trainer`` is unused: the destinations already say where records go, and the argument stays
+# so that the public signature (called by SpectrumMonitor) does not change.
+def publish_record(trainer: Trainer, record: SpectrumRecord,  # noqa: ARG001
                    destinations: list[tuple[Logger, Path | None]], dim: int) -> None:
-    """Write ``record`` to every destination and draw its density in TensorBoard."""
+    """Write ``record`` to every destination and draw its density in TensorBoard.
+
+    Args:
+        trainer: the run's Trainer (unused: ``destinations`` already say where records go).
+        record: the measurement to write.
+        destinations: ``(logger, folder)`` pairs from :func:`spectra_directories`.
+        dim: the number of parameters, for the TensorBoard density histogram.
+    """
     for logger, folder in destinations:
         try:
             kind = _kind(logger)

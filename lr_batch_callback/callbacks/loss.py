@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import WarningCache
+from lightning_utilities.core.rank_zero import WarningCache
 
 from lr_batch_callback.engine.operators import LossFn
 
@@ -17,8 +17,9 @@ __all__ = ["loss_from_training_step", "resolve_loss"]
 def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torch.Tensor:
     """The loss returned by ``module.training_step`` with its ``self.log`` calls silenced."""
     saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    module.log = lambda *args, **kwargs: None
-    module.log_dict = lambda *args, **kwargs: None
+    # The stand-ins take whatever ``self.log`` / ``self.log_dict`` take, and drop it.
+    module.log = lambda *args, **kwargs: None  # noqa: ARG005
+    module.log_dict = lambda *args, **kwargs: None  # noqa: ARG005
     try:
         out = module.training_step(batch, batch_idx)
     finally:
@@ -40,8 +41,15 @@ def loss_from_training_step(module: Any, batch: Any, batch_idx: int = 0) -> torc
 
 def resolve_loss(pl_module: LightningModule, loss_fn: LossFn | None,
                  warnings_: WarningCache) -> LossFn:
-    """The loss whose curvature is measured: ``loss_fn``, else the module's
-    ``curvature_loss(batch)``, else ``training_step``'s loss (said once through ``warnings_``).
+    """The loss whose curvature is measured: ``loss_fn``, or one the module defines.
+
+    That is ``loss_fn``, else the module's ``curvature_loss(batch)``, else ``training_step``'s
+    loss (said once through ``warnings_``).
+
+    Args:
+        pl_module: the LightningModule being trained.
+        loss_fn: the user's ``loss_fn(model, batch)``, or ``None``.
+        warnings_: where the fallback to ``training_step`` is said, once.
 
     Raises:
         MisconfigurationException: under manual optimization without either, where

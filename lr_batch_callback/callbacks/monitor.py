@@ -19,10 +19,11 @@ import warnings
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import WarningCache
 from torch import nn
 from typing_extensions import override
 
@@ -31,6 +32,7 @@ from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
 from lr_batch_callback.callbacks.loggers import log_metrics, publish_record, spectra_directories
 from lr_batch_callback.callbacks.loss import resolve_loss
+from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.monitoring.budget import Budget
@@ -41,10 +43,19 @@ from lr_batch_callback.monitoring.measurement import (
     measure_spectrum,
 )
 from lr_batch_callback.monitoring.record import SpectrumRecord
-from lr_batch_callback.scaling import LRScaler
 
 __all__ = ["SpectrumMonitor"]
 
+
+
+def _scaling_among(callbacks: list[Any]) -> BatchSizeLRScaling | None:
+    """The first LR scaling part among the Trainer's callbacks (alone or inside a combined one)."""
+    for callback in callbacks:
+        part = callback if isinstance(callback, BatchSizeLRScaling) else getattr(
+            callback, "scaling", None)
+        if isinstance(part, BatchSizeLRScaling):
+            return part
+    return None
 
 
 def _unsupported(strategy: Any, config: MonitorConfig) -> str | None:
@@ -117,6 +128,8 @@ class SpectrumMonitor(StableCallback):
         self.last: SpectrumRecord | None = None
         self._since = {"lambda_min": 0, "density": 0}
         self._effective: int | None = None
+        self._scaling: BatchSizeLRScaling | None = None  # where the LR (and batch size) come from
+        self._told = False  # the scaling part was given by use_scaling, not found at fit
         self._measure_next = False
         self._destinations: list[Any] = []
         self._warnings = WarningCache()
@@ -136,6 +149,7 @@ class SpectrumMonitor(StableCallback):
 
     @property
     def enabled(self) -> bool:
+        """Whether measurements run: a cadence is set and nothing turned them off."""
         return self.every_n_steps is not None and self.disabled is None
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -150,10 +164,24 @@ class SpectrumMonitor(StableCallback):
                 "Pass monitor_every_n_steps=None (every_n_steps=None) to keep only the LR scaling."
             )
 
+    def use_scaling(self, scaling: BatchSizeLRScaling) -> None:
+        """Read the effective batch size and the LR from this scaling part.
+
+        :class:`~lr_batch_callback.callbacks.BatchSizeLRCallback` calls it for its two parts, so
+        the batch size is read once (by the scaling part, whose hooks run first). A monitor that
+        was not told finds a :class:`~lr_batch_callback.callbacks.BatchSizeLRScaling` among the
+        Trainer's callbacks for the LR, and reads the batch size itself.
+        """
+        if not isinstance(scaling, BatchSizeLRScaling):
+            raise TypeError(f"scaling must be a BatchSizeLRScaling, got {scaling!r}.")
+        self._scaling, self._told = scaling, True
+
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start_steps(trainer)
-        self._effective = self.reader.effective(trainer, pl_module)
+        if not self._told:
+            self._scaling = _scaling_among(trainer.callbacks)  # type: ignore[attr-defined]
+        self._effective = self._read_batch_size(trainer, pl_module)
         self.budget.start(trainer.global_step)
         # Files and artifacts are for real runs with a logger (logger=False: no files), written by
         # rank 0 only; this reads each logger's own folder and calls no collective.
@@ -165,8 +193,9 @@ class SpectrumMonitor(StableCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self.reader.follow(trainer, pl_module, batch)
-        current = self.reader.effective(trainer, pl_module)
+        if not self._told:
+            self.reader.follow(trainer, pl_module, batch)
+        current = self._read_batch_size(trainer, pl_module)
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change
         self._effective = current
@@ -178,7 +207,8 @@ class SpectrumMonitor(StableCallback):
             return  # no optimizer step (gradient accumulation): nothing changed
         if not self.enabled:
             return
-        due = self._measure_next or (trainer.global_step % self.every_n_steps == 0)  # type: ignore[operator]
+        assert self.every_n_steps is not None  # enabled
+        due = self._measure_next or trainer.global_step % self.every_n_steps == 0
         if not due:
             return
         self._measure_next = False
@@ -278,10 +308,16 @@ class SpectrumMonitor(StableCallback):
         if not trainer.optimizers:
             return state
         optimizer = trainer.optimizers[0]
-        scaler = LRScaler.attached_to(optimizer)
-        lr = scaler.effective_lrs()[0] if scaler else float(optimizer.param_groups[0]["lr"])
+        lrs = self._scaling.effective_lrs(0) if self._scaling is not None else None
+        factors = self._scaling.factors if self._scaling is not None else []
+        lr = lrs[0] if lrs else float(optimizer.param_groups[0]["lr"])
         return dataclasses.replace(state, optimizer=optimizer, lr=lr,
-                                   lr_factor=scaler.factors[0] if scaler else 1.0)
+                                   lr_factor=factors[0] if factors else 1.0)
+
+    def _read_batch_size(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
+        if self._told and self._scaling is not None:
+            return self._scaling.effective_batch_size
+        return self.reader.effective(trainer, pl_module)
 
     def _skip(self, trainer: Trainer, over_budget: bool) -> None:
         self.skipped += 1

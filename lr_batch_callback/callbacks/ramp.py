@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils._pytree import tree_leaves
 from typing_extensions import override
 
@@ -163,8 +163,10 @@ class BatchSizeRamp(StableCallback):
 
     @staticmethod
     def _ready(trainer: Trainer) -> int:
-        """Batches of this epoch so far: Lightning closes a window when it is a multiple of the
-        accumulation."""
+        """Batches of this epoch so far.
+
+        Lightning closes an accumulation window when this count is a multiple of the accumulation.
+        """
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _devices_batch(self, trainer: Trainer, pl_module: LightningModule) -> int:
@@ -186,8 +188,10 @@ class BatchSizeRamp(StableCallback):
                 f"{unit} (for example {sorted({max(unit, round(s / unit) * unit) for s in bad})}).")
 
     def _advance(self, trainer: Trainer, pl_module: LightningModule, ready: int) -> None:
-        """At a step boundary, ``ready`` batches into the epoch: start the scheduled accumulation
-        if a window of that size may start here."""
+        """Start the scheduled accumulation if a window of that size may start here.
+
+        Called at a step boundary, ``ready`` batches into the epoch.
+        """
         size = self.size_at(self.progress(trainer))
         devices_batch = self._devices_batch(trainer, pl_module)
         target = self._configured if size is None else size // devices_batch

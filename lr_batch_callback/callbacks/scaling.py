@@ -20,10 +20,11 @@ from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.rank_zero import WarningCache
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_batch_size, check_bool, check_callable
@@ -108,8 +109,8 @@ class BatchSizeLRScaling(StableCallback):
         self.verbose = check_bool(verbose, "verbose")
 
         self.effective_batch_size: int | None = None
-        self.factors: list[float] = []
         self.law: BatchSizeLaw | None = None
+        self._applied = False  # whether a factor was set on the scalers this fit
         self._effective_lrs: list[list[float]] = []
         self._rules: list[ScalingRule] = []
         self._scalers: list[LRScaler] = []
@@ -139,6 +140,23 @@ class BatchSizeLRScaling(StableCallback):
             self.law = BatchSizeLaw.from_dict(state_dict["law"])
         rule = state_dict.get("rule")
         self._restored_rule = ",".join(rule) if isinstance(rule, list) else rule
+
+    @property
+    def factors(self) -> list[float]:
+        """The LR factor of each optimizer, once one is set (``[]`` before).
+
+        Read from the :class:`~lr_batch_callback.scaling.LRScaler` s, which own it: the factor
+        the next step uses is the only copy. After ``fit`` it is the last one applied.
+        """
+        if not self._applied:
+            return []
+        return [scaler.factors[0] if scaler.factors else 1.0 for scaler in self._scalers]
+
+    def effective_lrs(self, optimizer_index: int = 0) -> list[float] | None:
+        """The LR each param group of one optimizer will step with (``None`` before ``fit``)."""
+        if not self._scalers or optimizer_index >= len(self._scalers):
+            return None
+        return self._scalers[optimizer_index].effective_lrs()
 
     @property
     def rule_names(self) -> list[str]:
@@ -171,6 +189,7 @@ class BatchSizeLRScaling(StableCallback):
             )
         self._rules = [resolve_rule(r, opt) for r, opt in zip(rules, optimizers, strict=True)]
         self._scalers = [LRScaler(opt) for opt in optimizers]
+        self._applied = False
         self._shown_factor = None  # each fit starts with an empty progress bar
         self.start_steps(trainer)
         if self.reference_batch_size is None:
@@ -207,8 +226,7 @@ class BatchSizeLRScaling(StableCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.scaling_metrics()  # keep the last LRs readable after the hooks are gone
         for scaler in self._scalers:
-            scaler.remove()
-        self._scalers = []
+            scaler.remove()  # detached; kept, so that `factors` still says what was applied
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
@@ -218,8 +236,11 @@ class BatchSizeLRScaling(StableCallback):
 
     # -- batch size and factor ------------------------------------------------------------------------
     def _reference(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
-        """The effective batch size the LR was tuned for: the configured attribute at ``setup``
-        (before BatchSizeFinder), unless the dataloader disagrees although nothing changed it."""
+        """The effective batch size the LR was tuned for.
+
+        That is the configured attribute at ``setup`` (before BatchSizeFinder), unless the
+        dataloader disagrees although nothing changed it.
+        """
         loader = self.reader.loader(trainer)
         configured = self._configured
         current_attr = self.reader.attribute(pl_module)
@@ -273,11 +294,9 @@ class BatchSizeLRScaling(StableCallback):
 
     def _apply(self, trainer: Trainer, announce: bool) -> None:
         assert self.reference_batch_size is not None and self.effective_batch_size is not None
-        self.factors = []
         for rule, scaler in zip(self._rules, self._scalers, strict=True):
-            factor = float(rule(self.reference_batch_size, self.effective_batch_size))
-            scaler.set_factor(factor)
-            self.factors.append(factor)
+            scaler.set_factor(float(rule(self.reference_batch_size, self.effective_batch_size)))
+        self._applied = True
         if announce and self.verbose:
             rank_zero_info(
                 f"BatchSizeLRScaling: effective batch size {self.effective_batch_size} "
@@ -294,7 +313,7 @@ class BatchSizeLRScaling(StableCallback):
             "lr_batch/effective_batch_size": float(self.effective_batch_size or math.nan),
             "lr_batch/reference_batch_size": float(self.reference_batch_size or math.nan),
         }
-        if self._scalers and self.factors:  # attached and active: the LRs the next step uses
+        if self._attached and self.factors:  # active: the LRs the next step uses
             self._effective_lrs = [[float(lr) for lr in sc.effective_lrs()] for sc in self._scalers]
         for i, (factor, lrs) in enumerate(zip(self.factors, self._effective_lrs, strict=True)):
             opt = "" if i == 0 else f"_opt{i}"
@@ -304,13 +323,14 @@ class BatchSizeLRScaling(StableCallback):
         return metrics
 
     def _show(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The effective LRs on the Trainer's logging cadence; the factor in the progress bar from
-        the first step and at each change.
+        """Log the effective LRs on the Trainer's logging cadence, the factor in the progress bar.
+
+        The factor goes to the bar from the first step and at each change.
 
         The bar keeps the last value it was given, so the factor is logged (to the bar only) when
         it is new to the bar: a run shorter than ``log_every_n_steps`` still shows it.
         """
-        if not self._scalers or not self.factors:
+        if not self._attached or not self.factors:
             return
         # Only on the steps Lightning writes logs: ``self.log`` costs about a millisecond, a
         # quarter of a small model's training step.
@@ -334,6 +354,10 @@ class BatchSizeLRScaling(StableCallback):
                 # A float64 tensor: a Python float would be logged rounded to float32.
                 pl_module.log(f"lr_batch/lr{opt}_pg{j}", torch.tensor(lr, dtype=torch.float64),
                               on_step=True, on_epoch=False, prog_bar=False)
+
+    @property
+    def _attached(self) -> bool:
+        return bool(self._scalers) and self._scalers[0].attached
 
     # -- the curvature law ----------------------------------------------------------------------------
     @property

@@ -10,11 +10,11 @@ the learning rate at each change.
 
 from __future__ import annotations
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lr_batch_callback._checks import check_size_schedule
@@ -23,8 +23,10 @@ __all__ = ["BatchSizeSchedule", "scheduled"]
 
 
 def scheduled(schedule: dict[int, int], point: int) -> int | None:
-    """The value in force at ``point`` of a sorted ``{start: value}`` schedule (``None`` before
-    its first start)."""
+    """The value in force at ``point`` of a sorted ``{start: value}`` schedule.
+
+    ``None`` before its first start.
+    """
     value = None
     for start, size in schedule.items():
         if point >= start:

@@ -45,16 +45,16 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 @dataclass(frozen=True)
 class CriticalStep:
-    """The result of one line search.
+    r"""The result of one line search.
 
     Attributes:
-        step: :math:`\\eta_c`; ``0.0`` for an uphill direction; when not bracketed, the largest
-            step tried (the loss was still lower there, so :math:`\\eta_c` is larger).
-        sharpness: :math:`\\lambda_c = 2/\\eta_c` (``inf`` uphill); an upper bound when not
+        step: :math:`\eta_c`; ``0.0`` for an uphill direction; when not bracketed, the largest
+            step tried (the loss was still lower there, so :math:`\eta_c` is larger).
+        sharpness: :math:`\lambda_c = 2/\eta_c` (``inf`` uphill); an upper bound when not
             bracketed.
-        slope: :math:`g^\\top d`, the loss's derivative along the direction at 0.
+        slope: :math:`g^\top d`, the loss's derivative along the direction at 0.
         passes: forward passes spent.
-        converged: ``step`` is within the relative tolerance of :math:`\\eta_c` (``True`` uphill).
+        converged: ``step`` is within the relative tolerance of :math:`\eta_c` (``True`` uphill).
         uphill: the direction raises the loss to first order.
     """
 
@@ -126,9 +126,12 @@ def critical_step(rise: Callable[[float], float], slope: float, first: float, *,
 
 def _next_step(prev: tuple[float, float], low: tuple[float, float], high: tuple[float, float],
                side: int) -> float:
-    """The next step: before a bracket, the secant of the latest two points below η_c (×2 to ×8
-    the last step: q flattens on most losses, so a plain secant would crawl); then false
-    position, Illinois-damped; bisection while the upper end diverged (no value to use)."""
+    """The next step of the line search, from the latest points below and above η_c.
+
+    Before a bracket, the secant of the latest two points below η_c (×2 to ×8 the last step: q
+    flattens on most losses, so a plain secant would crawl); then false position, Illinois-damped;
+    bisection while the upper end diverged (no value to use).
+    """
     (p, q_p), (lo, q_lo), (hi, q_hi) = prev, low, high
     if not math.isfinite(hi):
         if q_lo <= q_p:  # no upward curvature seen yet: grow
@@ -186,7 +189,7 @@ class LineLoss:
     def __enter__(self) -> LineLoss:
         self._stack.enter_context(isolated(self.model))
         self._base = None
-        self._origin = [p.detach().clone() for p in self.params]
+        self._origin = [t.detach().clone() for t in self._tensors()]
         self._devices = sorted({p.device.index or 0 for p in self.params
                                 if p.device.type == "cuda"})
         self._rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._devices])
@@ -195,8 +198,8 @@ class LineLoss:
     def __exit__(self, *exc_info: object) -> None:
         try:
             with torch.no_grad():
-                for p, origin in zip(self.params, self._origin, strict=True):
-                    p.copy_(origin)
+                for t, origin in zip(self._tensors(), self._origin, strict=True):
+                    t.copy_(origin)
         finally:
             self._stack.close()
 
@@ -211,9 +214,21 @@ class LineLoss:
             dist.all_reduce(value)
         return value
 
+    def _tensors(self) -> list[Tensor]:
+        """The tensors the parameters' values live in, moved in place (sharded: local rows)."""
+        return list(self.params)
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+        r""":math:`a^\top b` over all parameters (vectors shaped like :meth:`gradient`'s parts)."""
+        return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+                         for x, y in zip(a, b, strict=True)))
+
     def gradient(self) -> list[Tensor]:
-        r""":math:`g = \nabla L(\theta_0)` (one forward and backward per batch, ``.grad`` untouched;
-        none when the gradient was given)."""
+        r"""The gradient :math:`g = \nabla L(\theta_0)`, shaped like the parameters.
+
+        It costs one forward and backward per batch, with ``.grad`` untouched; none when the
+        gradient was given.
+        """
         if self._given is not None:
             flat = self._total(self._given.detach().clone())
         else:
@@ -228,20 +243,20 @@ class LineLoss:
             self.passes += len(self.batches)
             flat = self._total(torch.cat([g.reshape(-1) for g in grads]))
         return [part.reshape(p.shape)
-                for part, p in zip(flat.split([p.numel() for p in self.params]), self.params,
+                for part, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params,
                                    strict=True)]
 
     def base_loss(self) -> float:
         r""":math:`L(\theta_0)` by the same no-grad forward as :meth:`loss_at` (computed once)."""
         if self._base is None:
-            self._base = self.loss_at([torch.zeros_like(p) for p in self.params], 0.0)
+            self._base = self.loss_at([torch.zeros_like(t) for t in self._tensors()], 0.0)
         return self._base
 
     @torch.no_grad()
     def loss_at(self, direction: Sequence[Tensor], eta: float) -> float:
         r""":math:`L(\theta_0 + \eta d)`, ``direction`` shaped like the parameters (or flat)."""
-        for p, origin, d in zip(self.params, self._origin, direction, strict=True):
-            p.copy_(origin + eta * d.reshape(p.shape))
+        for t, origin, d in zip(self._tensors(), self._origin, direction, strict=True):
+            t.copy_(origin + eta * d.reshape(t.shape))
         self._replay()
         total = torch.zeros((), dtype=torch.float64, device=self._origin[0].device)
         for batch, weight in zip(self.batches, self.weights, strict=True):
@@ -258,10 +273,12 @@ def critical_sharpness(line: LineLoss, gradient: Sequence[Tensor], direction: Se
     ``gradient``; :math:`f(0)` costs one pass (shared by all directions of ``line``), each step
     tried one more.
     """
-    slope = float(sum(torch.dot(g.reshape(-1).double(), d.reshape(-1).double())
-                      for g, d in zip(gradient, direction, strict=True)))
+    slope = line.dot(gradient, direction)
     if slope >= 0 or not math.isfinite(slope):
-        return critical_step(lambda eta: 0.0, slope if math.isfinite(slope) else 0.0, first)
+        # critical_step returns before calling ``rise`` when the slope is not negative, so the
+        # lambda only fills the signature.
+        known = slope if math.isfinite(slope) else 0.0
+        return critical_step(lambda eta: 0.0, known, first)  # noqa: ARG005
     # From here on the slope is negative: f(0) and the steps tried, each one forward pass.
     before = line.passes
     base = line.base_loss()

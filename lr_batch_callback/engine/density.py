@@ -59,7 +59,7 @@ class Quadrature:
     num_products: int
 
     def mean(self) -> float:
-        """Quadrature estimate of :math:`\\operatorname{tr}(A)/P`."""
+        r"""Quadrature estimate of :math:`\operatorname{tr}(A)/P`."""
         return float((self.weights * self.nodes).sum() / self.nodes.shape[0])
 
     def density(self, sigma: float | None = None, grid_size: int = 1000) -> SpectralDensity:
@@ -71,11 +71,11 @@ class Quadrature:
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """A smoothed spectral density and the quadrature it came from.
+    r"""A smoothed spectral density and the quadrature it came from.
 
     Attributes:
         grid: points :math:`t` (float64, ascending).
-        density: :math:`\\hat\\phi(t)` on the grid (float64), integrating to ≈ 1.
+        density: :math:`\hat\phi(t)` on the grid (float64), integrating to ≈ 1.
         nodes: Ritz values per probe, ``(num_probes, num_steps)``; padded with 0 where a probe's
             Krylov space was exhausted early (its weight there is 0).
         weights: the quadrature weights, same shape, each row summing to 1.
@@ -92,6 +92,7 @@ class SpectralDensity:
 
     @property
     def num_probes(self) -> int:
+        """The number of probe vectors (rows of ``nodes``)."""
         return int(self.nodes.shape[0])
 
     def integral(self) -> float:
@@ -99,7 +100,7 @@ class SpectralDensity:
         return float(torch.trapezoid(self.density, self.grid))
 
     def mean(self) -> float:
-        """Quadrature estimate of :math:`\\operatorname{tr}(A)/P`."""
+        r"""Quadrature estimate of :math:`\operatorname{tr}(A)/P`."""
         return float((self.weights * self.nodes).sum() / self.num_probes)
 
 

@@ -22,7 +22,7 @@ from lr_batch_callback._checks import check_bool, check_integer
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, SpectralDensity, slq
 from lr_batch_callback.engine.lanczos import DEFAULT_TOL, LanczosResult, Which, lanczos
-from lr_batch_callback.engine.operators import LossFn, OutputSelector
+from lr_batch_callback.engine.operators import LossFn, OutputSelector, _ModelCurvature
 from lr_batch_callback.engine.products import build_operator, check_product
 from lr_batch_callback.engine.weights import WeightFn
 
@@ -74,9 +74,12 @@ class OperatorOptions:
         check_bool(self.distributed, "distributed")
 
     def build(self, curvature: str, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
-              tol: float | None = None) -> Any:
-        """The operator of ``curvature`` on ``batches`` with these options (``tol``: the
-        accuracy the eigenvalues will be asked for, which ``product="fastest"`` decides by)."""
+              tol: float | None = None) -> _ModelCurvature:
+        """The operator of ``curvature`` on ``batches`` with these options.
+
+        ``tol`` is the accuracy the eigenvalues will be asked for, which ``product="fastest"``
+        decides by.
+        """
         return build_operator(
             curvature, self.product, model, loss_fn, batches, step=self.step, tol=tol,
             params=self.params,
@@ -192,13 +195,18 @@ def spectral_density(
     Side effects are undone exactly as in :func:`hessian_eigenvalues`.
 
     Args:
-        model, loss_fn, batch, curvature, options: as in :func:`hessian_eigenvalues`.
+        model: the network, on any device (as in :func:`hessian_eigenvalues`).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss over the batch.
+        batch: the batch (on the model's device), passed to ``loss_fn`` unchanged.
+        curvature: ``"hessian"`` or ``"ggn"`` (Generalised Gauss-Newton :math:`J^\top H_f J`).
         num_probes: Rademacher probe vectors (the variance of the estimate falls like 1/n).
         num_steps: Lanczos steps per probe (quadrature nodes per probe).
         sigma: Gaussian broadening width in eigenvalue units; default 1% of the nodes' spread.
             The value used is stored on the result.
         grid_size: minimum number of grid points (more are used when ``sigma`` needs them).
         seed: seed of the probes.
+        options: how the operator is built (:class:`OperatorOptions`), as in
+            :func:`hessian_eigenvalues`.
 
     Returns:
         A :class:`~lr_batch_callback.engine.density.SpectralDensity`: ``grid``, ``density``

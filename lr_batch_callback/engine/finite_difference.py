@@ -17,7 +17,8 @@ floor, :math:`h = \sqrt{\epsilon_{\text{mach}}}\,\max(1, 0.01\|\theta_0\|)`: on 
 (:math:`\|\theta_0\| = 140`, :math:`h = 4.8\cdot10^{-4}`) the top three eigenvalues came within
 :math:`7\cdot10^{-4}` of the exact ones (relative, 3 seeds) and the asymmetry stayed below
 :math:`3.4\cdot10^{-4}`; in float64 the zoo's smooth models came within :math:`3\cdot10^{-8}`.
-Each product cost 1.0 training step there (the exact product: 2.2). The floor matters on small
+Each product costs about what a training step does (one forward, one first-order backward), less
+than the exact product's double backward. The floor matters on small
 models: a 163-parameter tanh MLP (:math:`\|\theta_0\| = 2.7`, float32) was 3.6e-3 off at
 :math:`h = 10^{-5}` (rounding) and 5.5e-5 at :math:`h = \sqrt{\epsilon} = 3.4\cdot10^{-4}`.
 
@@ -124,8 +125,10 @@ class FiniteDifferenceHessian(_ModelCurvature):
 
     @property
     def base_gradient(self) -> Tensor | None:
-        r"""This process's flat :math:`\sum_b w_b \nabla L_b(\theta_0)` (``None`` once released):
-        the gradient every product differences against, reusable by a line search."""
+        r"""This process's flat :math:`\sum_b w_b \nabla L_b(\theta_0)` (``None`` once released).
+
+        It is the gradient every product differences against, reusable by a line search.
+        """
         return self._gradient
 
     # -- what subclasses for sharded parameters change -------------------------------------------
@@ -146,6 +149,7 @@ class FiniteDifferenceHessian(_ModelCurvature):
         return local
 
     def release(self) -> None:
+        """Free the batches, the base gradient and the saved weights (the operator is unusable after)."""
         super().release()
         self._gradient = None
         self._theta = []
@@ -158,7 +162,7 @@ class FiniteDifferenceHessian(_ModelCurvature):
             yield
 
     def _build(self, batch: Any) -> None:
-        """Add this batch's weighted gradient at :math:`\\theta_0` to the kept one."""
+        r"""Add this batch's weighted gradient at :math:`\theta_0` to the kept one."""
         index = len(self._rng_states) - 1
         gradient = self._weighted_gradient(index, batch)
         if self._gradient is None:
@@ -184,6 +188,7 @@ class FiniteDifferenceHessian(_ModelCurvature):
 
     # -- products --------------------------------------------------------------------------------
     def local_matmat(self, V: Tensor) -> Tensor:
+        """This process's Hessian products with the rows of ``V``, by differences of gradients."""
         if not self.batches or self._gradient is None:
             raise RuntimeError("This curvature operator was released; build a new one.")
         rows = [self._difference(v) for v in V]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,15 +37,22 @@ __all__ = ["autocast_off", "isolated"]
 
 def _eager_stance() -> contextlib.AbstractContextManager[Any]:
     if "torch._dynamo" not in sys.modules:
-        # Nothing was compiled, and importing dynamo just to say so costs seconds.
+        # Nothing was compiled, and importing dynamo just to say so is slow.
         return contextlib.nullcontext()
     set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
     if set_stance is None:  # torch < 2.6: nothing to do, compiled modules raise and are reported
         return contextlib.nullcontext()
     try:
-        return set_stance("force_eager")  # type: ignore[no-any-return]
+        stance: contextlib.AbstractContextManager[Any] = set_stance("force_eager")
+        return stance
     except Exception:  # pragma: no cover - defensive: stance API changed
         return contextlib.nullcontext()
+
+
+def _cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA (``torch.cuda.is_initialized``, unannotated)."""
+    initialized: Callable[[], bool] = torch.cuda.is_initialized
+    return initialized()
 
 
 @contextlib.contextmanager
@@ -75,7 +82,7 @@ def isolated(model: nn.Module) -> Iterator[None]:
 
     cuda_devices: list[int] = []
     # is_initialized first: is_available loads NVML on a CUDA build without a GPU.
-    if torch.cuda.is_initialized() and torch.cuda.is_available():
+    if _cuda_initialized() and torch.cuda.is_available():
         cuda_devices = list(range(torch.cuda.device_count()))
     python_state = random.getstate()
     numpy_state = np.random.get_state()

@@ -143,8 +143,10 @@ class CurvatureOperator:
 
 
 def fresh_seed(operator: CurvatureOperator) -> int:
-    """A random seed drawn from the operating system, never from (and never advancing) the
-    global RNG streams; under distribution, rank 0's."""
+    """A random seed drawn from the operating system; under distribution, rank 0's.
+
+    It never comes from (and never advances) the global RNG streams.
+    """
     seed = torch.tensor([torch.Generator().seed() % 2**62], dtype=torch.int64,
                         device=operator.device)
     return int(operator.broadcast_(seed).item())

@@ -16,9 +16,8 @@ r"""How curvature products are computed: exactly (double backward) or by finite 
   tolerance asked — Hessian curvature, a smooth loss, and ``tol`` at least
   :data:`DIFFERENCE_ACCURACY` :math:`\sqrt{\epsilon_{\text{mach}}}` (float32: 5.2e-3, so
   ``MonitorConfig``'s 1e-2 qualifies; float64: 2.2e-7) — else as ``"auto"``. Differences are
-  the cheaper product wherever both exist: one forward and first-order backward (0.9–1.0
-  training step on a GPT-like transformer) against a double backward through the kept graph
-  (1.6 training steps on a small CNN, 2.2–2.6 on that transformer). A loss through
+  the cheaper product wherever both exist: one forward and first-order backward (about a
+  training step) against a double backward through the kept graph. A loss through
   piecewise-linear operations costs the refused attempt one forward pass, then gets the exact
   product. Without a tolerance (``tol=None``) it is ``"auto"``.
 
@@ -147,9 +146,10 @@ def _differences(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], step
 
 
 def base_gradient(operator: _ModelCurvature) -> Tensor | None:
-    r"""This process's flat :math:`\sum_b w_b \nabla L_b(\theta_0)` when ``operator`` already
-    holds it — the differences' base gradient, or the exact Hessian's kept gradient graphs
-    (detached) — else ``None``. A line search on the same batches then needs no gradient pass.
+    r"""This process's flat :math:`\sum_b w_b \nabla L_b(\theta_0)` if ``operator`` holds it, else ``None``.
+
+    It is held as the differences' base gradient, or in the exact Hessian's kept gradient graphs
+    (detached). A line search on the same batches then needs no gradient pass.
     """
     if isinstance(operator, FiniteDifferenceHessian):
         return operator.base_gradient

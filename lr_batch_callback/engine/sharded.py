@@ -20,6 +20,12 @@ and the Lanczos vectors are kept whole on every rank (two or three vectors of :m
 ``.grad`` is set aside around each backward and put back (the identity of every ``.grad``
 tensor is restored, as everywhere in the engine). Tensor parallelism (a mesh of more than one
 dimension, or placements other than ``Shard(0)``) is refused.
+
+**Line searches** (critical sharpness, :class:`ShardedLineLoss`) work on the same local rows: a
+direction is kept as each rank's rows of it, :math:`\theta_0 + \eta d` is written into the shards
+in place, the forward passes gather as in training and the weighted losses are summed over the
+ranks; :math:`g^\top d` is a local dot product summed over the ranks (one all-reduce of a float).
+Nothing of the parameters is gathered beyond the forward passes.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lr_batch_callback.engine.critical import LineLoss
 from lr_batch_callback.engine.finite_difference import FiniteDifferenceHessian
 from lr_batch_callback.engine.operators import LossFn
 
-__all__ = ["ShardedFiniteDifferenceHessian", "is_sharded"]
+__all__ = ["ShardedFiniteDifferenceHessian", "ShardedLineLoss", "is_sharded"]
 
 
 def is_sharded(params: Sequence[Tensor]) -> bool:
@@ -75,8 +82,11 @@ class _Rows:
 
 
 class ShardedFiniteDifferenceHessian(FiniteDifferenceHessian):
-    """:class:`~lr_batch_callback.engine.finite_difference.FiniteDifferenceHessian` on FSDP2
-    shards (module docstring); the arguments are the same, ``distributed`` is always on."""
+    """Finite-difference Hessian products on FSDP2 shards (module docstring).
+
+    A :class:`~lr_batch_callback.engine.finite_difference.FiniteDifferenceHessian` whose
+    arguments are the same; ``distributed`` is always on.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], **kwargs: Any
                  ) -> None:
@@ -138,11 +148,68 @@ class ShardedFiniteDifferenceHessian(FiniteDifferenceHessian):
             loss = self._loss(batch)
             self._check_smooth(loss, None)
             # FSDP2 averages gradients over the ranks: scaling by W·w_i makes the sum Σ w_i g_i.
-            (loss * (self._world * self.weights[index])).backward()
+            torch.autograd.backward(loss * (self._world * self.weights[index]))
             parts = [p.grad.to_local() if p.grad is not None  # type: ignore[attr-defined]
                      else torch.zeros_like(r.local)
                      for p, r in zip(params, self._rows, strict=True)]
             return torch.cat([g.reshape(-1) for g in parts]).to(self.dtype)
         finally:
             for p, grad in zip(params, kept, strict=True):
+                p.grad = grad
+
+
+class ShardedLineLoss(LineLoss):
+    r"""A :class:`~lr_batch_callback.engine.critical.LineLoss` on FSDP2 shards (module docstring).
+
+    Directions and gradients are this rank's rows (shaped like each parameter's local shard);
+    ``gradient`` is this rank's rows of the global batch's gradient (the sharded curvature
+    operator's base gradient), not summed again. ``distributed`` is always on: the ranks'
+    weighted losses are summed.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
+                 weights: Sequence[float], *, params: Sequence[Tensor] | None = None,
+                 gradient: Tensor | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("Sharded parameters need an initialised torch.distributed process "
+                               "group.")
+        super().__init__(model, loss_fn, batches, weights, params=params, distributed=True,
+                         gradient=gradient)
+        self._locals = [_Rows(p, 0).local for p in self.params]  # checks the layout too
+        self._world = dist.get_world_size()
+
+    def _tensors(self) -> list[Tensor]:
+        return self._locals
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+        """The dot product of two sharded vectors: local rows, summed over the ranks."""
+        total = torch.tensor([super().dot(a, b)], dtype=torch.float64, device=self._locals[0].device)
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def gradient(self) -> list[Tensor]:
+        """This rank's rows of the global batch's gradient, one tensor per local shard."""
+        if self._given is not None:
+            flat = self._given.detach().clone()
+        else:
+            flat = self._backward()
+        sizes = [t.numel() for t in self._locals]
+        return [part.reshape(t.shape)
+                for part, t in zip(torch.split(flat, sizes), self._locals, strict=True)]
+
+    def _backward(self) -> Tensor:
+        # FSDP2 averages gradients over the ranks: scaling by W makes the sum the weighted one.
+        kept = [p.grad for p in self.params]
+        try:
+            for p in self.params:
+                p.grad = None
+            self._replay()
+            for batch, weight in zip(self.batches, self.weights, strict=True):
+                torch.autograd.backward(self.loss_fn(self.model, batch) * (weight * self._world))
+            self.passes += len(self.batches)
+            parts = [p.grad.to_local() if p.grad is not None  # type: ignore[attr-defined]
+                     else torch.zeros_like(t) for p, t in zip(self.params, self._locals, strict=True)]
+            return torch.cat([g.reshape(-1) for g in parts])
+        finally:
+            for p, grad in zip(self.params, kept, strict=True):
                 p.grad = grad

@@ -50,6 +50,7 @@ class PiecewiseLinearError(ValueError):
 
     @classmethod
     def of(cls, kinks: Counter[str]) -> PiecewiseLinearError:
+        """The error naming each kind of kink in ``kinks`` and how often the graph holds it."""
         found = ", ".join(f"{kind} ({count}×)" for kind, count in kinks.most_common())
         return cls(
             f"product='finite_difference' needs a loss whose gradient is smooth in the "

@@ -79,6 +79,7 @@ class UnitCounter:
         self._count = count
 
     def __call__(self, batch: Any) -> float:
+        """The units in ``batch``, checked to be a finite number >= 0."""
         units = float(self._count(batch))
         if not (units >= 0 and units < float("inf")):
             raise ValueError(

@@ -1,6 +1,5 @@
 r"""The batch-size law of the batch curvature's top eigenvalue, and what it means for the LR.
 
-
 The batch Hessian :math:`H_B` is the empirical Hessian :math:`H` (whole data set of :math:`N`
 samples) plus a zero-mean fluctuation whose entry variance is :math:`\sigma^2(1/B - 1/N)` when
 :math:`B` samples are drawn without replacement. For a curvature outlier :math:`\lambda_1` of
@@ -88,10 +87,11 @@ def _excess_variance_factor(
 
 
 def curvature_lr_factor(lambda_old: float, lambda_new: float, adaptive: bool) -> float:
-    r"""The LR factor that keeps the same fraction of the stability limit when the top eigenvalue
-    moves from ``lambda_old`` to ``lambda_new``: :math:`\lambda_{old}/\lambda_{new}` for SGD, its
-    square root for Adam-family optimizers (``adaptive``), which divide by
-    :math:`\sqrt{v}\sim\sqrt{\lambda}`.
+    r"""The LR factor that keeps the same fraction of the stability limit as the top eigenvalue moves.
+
+    When it moves from ``lambda_old`` to ``lambda_new``, the factor is
+    :math:`\lambda_{old}/\lambda_{new}` for SGD, and its square root for Adam-family optimizers
+    (``adaptive``), which divide by :math:`\sqrt{v}\sim\sqrt{\lambda}`.
 
     Raises:
         ValueError: unless both eigenvalues are finite and > 0.

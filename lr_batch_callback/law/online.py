@@ -1,6 +1,6 @@
-"""The batch-size law during training: a pool of recent samples and the fit made from it.
+r"""The batch-size law during training: a pool of recent samples and the fit made from it.
 
-``rule="curvature"`` needs :math:`\\lambda(B)` at the current weights. :class:`SamplePool` keeps the
+``rule="curvature"`` needs :math:`\lambda(B)` at the current weights. :class:`SamplePool` keeps the
 most recent training samples (detached, on their device); at each batch-size change
 :func:`fit_from_pool` measures the law on sub-batches of that pool
 (:func:`~lr_batch_callback.law.measure.estimate_batch_size_law`). :class:`LawConfig` holds the
@@ -26,7 +26,7 @@ __all__ = ["LawConfig", "SamplePool", "fit_from_pool"]
 
 @dataclass(frozen=True)
 class LawConfig:
-    """How ``rule="curvature"`` measures :math:`\\lambda(B)` during training.
+    r"""How ``rule="curvature"`` measures :math:`\lambda(B)` during training.
 
     Attributes:
         samples: recent training samples the law is fitted on (sub-batches are drawn from them).

@@ -1,14 +1,13 @@
-"""The monitoring budget: which due measurements run, so that monitoring stays a small fraction
-of training time, and what cadence that gives.
+"""The monitoring budget: which due measurements run, and what cadence that gives.
 
-Training time is wall time since the start minus the time spent measuring. A measurement that is
-due runs when the time spent measuring, plus its predicted cost, stays within ``max_overhead`` of
-the training time; otherwise it waits for the next due step, so an expensive configuration
-stretches the cadence instead of losing every measurement. The first measurement always runs:
-it prices the others (the cost of building the curvature graph and of one product, measured, not
-guessed). The occasional parts (λ_min, density) are left out first: a measurement that does not
-fit whole runs without them when λ_max alone fits, and they wait for a measurement that can
-afford them.
+It keeps monitoring a small fraction of training time. Training time is wall time since the start
+minus the time spent measuring. A measurement that is due runs when the time spent measuring, plus
+its predicted cost, stays within ``max_overhead`` of the training time; otherwise it waits for the
+next due step, so an expensive configuration stretches the cadence instead of losing every
+measurement. The first measurement always runs: it prices the others (the cost of building the
+curvature graph and of one product, measured, not guessed). The occasional parts (λ_min, density)
+are left out first: a measurement that does not fit whole runs without them when λ_max alone fits,
+and they wait for a measurement that can afford them.
 
 No Lightning here; the clock can be injected for tests.
 """
@@ -45,6 +44,8 @@ class Budget:
     Args:
         max_overhead: fraction of training time measurements may take; ``None``: no budget.
         clock: seconds, monotonic (injectable for tests).
+        first_guess: products per part (``"lambda_min"``, ``"density"``) assumed before that part
+            was ever measured, usually its cap.
     """
 
     def __init__(self, max_overhead: float | None,
@@ -68,6 +69,7 @@ class Budget:
             self._start_step = step
 
     def training_seconds(self) -> float:
+        """Wall time since :meth:`start`, less the time spent measuring (0 before the start)."""
         if self._start is None:
             return 0.0
         return max(self.clock() - self._start - self.spent_seconds, 0.0)
@@ -109,8 +111,10 @@ class Budget:
                 self.last_products[part] = count
 
     def sustainable_every(self, steps_so_far: int) -> int | None:
-        """Steps between measurements the budget sustains at the current costs (``None`` without
-        a budget or before a measurement)."""
+        """Steps between measurements the budget sustains at the current costs.
+
+        ``None`` without a budget or before a measurement.
+        """
         if self.max_overhead is None or self.cost is None or steps_so_far <= 0:
             return None
         per_step = self.training_seconds() / steps_so_far

@@ -25,10 +25,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lr_batch_callback.engine.critical import LineLoss, critical_sharpness
 from lr_batch_callback.monitoring.directions import gradient_direction, update_direction
+
+if TYPE_CHECKING:  # measurement imports this module
+    from lr_batch_callback.monitoring.measurement import TrainingState
 
 __all__ = ["CriticalMeasurement", "critical_ratio", "measure_critical"]
 
@@ -54,10 +57,11 @@ def critical_ratio(lr: float | None, sharpness: float | None) -> float | None:
     return lr * sharpness / 2.0
 
 
-def measure_critical(line: LineLoss, state: Any) -> CriticalMeasurement:
-    """Both critical sharpnesses along ``line`` (the measurement's batches, weights and
-    parameters); ``state`` is the run's :class:`~lr_batch_callback.monitoring.measurement.
-    TrainingState` (optimizer, LR, step).
+def measure_critical(line: LineLoss, state: TrainingState) -> CriticalMeasurement:
+    """Both critical sharpnesses along ``line`` (the measurement's batches, weights and parameters).
+
+    ``state`` is the run's :class:`~lr_batch_callback.monitoring.measurement.TrainingState`
+    (optimizer, LR, step).
 
     A failure (a loss that cannot be evaluated off the training point, say) is a warning and
     ``None`` values: the eigenvalues of the same measurement are kept.

@@ -29,9 +29,9 @@ from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.critical import LineLoss
 from lr_batch_callback.engine.density import DEFAULT_PROBES, DEFAULT_STEPS, slq
 from lr_batch_callback.engine.lanczos import LanczosOptions, lanczos
-from lr_batch_callback.engine.operators import CurvatureOperator, LossFn
+from lr_batch_callback.engine.operators import CurvatureOperator, LossFn, _ModelCurvature
 from lr_batch_callback.engine.products import base_gradient, build_operator, check_product
-from lr_batch_callback.engine.sharded import is_sharded
+from lr_batch_callback.engine.sharded import ShardedLineLoss, is_sharded
 from lr_batch_callback.monitoring.critical import critical_ratio, measure_critical
 from lr_batch_callback.monitoring.directions import adam_preconditioner
 from lr_batch_callback.monitoring.record import (
@@ -47,7 +47,7 @@ __all__ = ["MONITOR_TOL", "MeasurementCost", "MonitorConfig", "Parts", "Training
            "adam_preconditioner", "measure_spectrum"]
 
 #: The monitor's eigenvalue tolerance: 1%, well inside the batch-to-batch scatter of λ_max
-#: (tens of percent), for 4-6 products instead of 7-9 at the functions' 1e-3.
+#: (tens of percent), and a few products fewer than the functions' 1e-3 needs.
 MONITOR_TOL = 1e-2
 
 
@@ -58,13 +58,13 @@ class MonitorConfig:
     Attributes:
         curvature: ``"hessian"`` or ``"ggn"``.
         k: number of top eigenvalues.
-        tol: relative tolerance of each eigenvalue's error bound (1% by default: a
-            measurement is then about 10 training steps on a small CNN).
+        tol: relative tolerance of each eigenvalue's error bound (1% by default, well inside
+            the batch-to-batch scatter of λ_max; a looser tolerance takes fewer products).
         max_iter: cap on products per Lanczos run.
         lambda_min_every: include λ_min (the most negative eigenvalue) in every this many
-            measurements; 0 (the default): never. λ_min sits at the edge of the bulk and costs
-            10–40 times λ_max: raise ``max_iter`` (e.g. to 100) with it, or it stops at the cap
-            with ``converged=False``.
+            measurements; 0 (the default): never. λ_min sits at the edge of the bulk and needs
+            many times the products of λ_max: raise ``max_iter`` (e.g. to 100) with it, or it
+            stops at the cap with ``converged=False``.
         density_every: include the spectral density in every this many measurements (the
             default 20: every 5,000 steps at the default cadence); 0: never. A density costs
             ``density_probes × density_steps`` products, about 20 λ_max measurements.
@@ -79,7 +79,7 @@ class MonitorConfig:
         preconditioned_sharpness: also measure Adam's preconditioned sharpness
             λ_max(P⁻¹H) (Adam-family optimizers; a second eigenproblem, about as dear as the
             first, with exact products; it feeds ``hessian/stability`` for Adam). Off by default:
-            on a GPT-like transformer it alone costs 12 training steps, and the critical
+            on a large model it alone costs many training steps, and the critical
             sharpness along −P⁻¹g ranks Adam's failed runs as well (README, Critical sharpness). With
             product='finite_difference' it is not measured (exact products only).
         product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
@@ -131,8 +131,10 @@ class MeasurementCost:
 
 
 def _preconditioned(operator: CurvatureOperator, scale: Tensor) -> CurvatureOperator:
-    """:math:`S A S` for the diagonal ``scale`` :math:`S = P^{-1/2}` (symmetric, similar to
-    :math:`P^{-1}A`)."""
+    """The operator :math:`S A S` for the diagonal ``scale`` :math:`S = P^{-1/2}`.
+
+    It is symmetric, and similar to :math:`P^{-1}A`.
+    """
     return CurvatureOperator.from_function(lambda V: operator.matmat(V * scale) * scale,
                                            operator.dim, dtype=operator.dtype,
                                            device=operator.device)
@@ -183,7 +185,9 @@ def measure_spectrum(
     """Measure the spectrum of ``model``'s batch curvature on ``batch`` (one graph build).
 
     Args:
-        model, loss_fn, batch: as :func:`~lr_batch_callback.hessian_eigenvalues` takes them.
+        model: the network, as :func:`~lr_batch_callback.hessian_eigenvalues` takes it.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss over the batch.
+        batch: the batch (on the model's device), passed to ``loss_fn`` unchanged.
         config: what to measure.
         state: the run at this point: the record's step, epoch and context; with an
             Adam-family optimizer the preconditioned sharpness is measured too.
@@ -209,8 +213,8 @@ def measure_spectrum(
         result = lanczos(operator, config.k, which="both" if parts.lambda_min else "largest",
                          tol=config.tol, max_iter=config.max_iter, seed=seed, options=quiet)
         density = _density(operator, config, seed) if parts.density else None
-        # Sharded (FSDP2) parameters: Adam's preconditioner and the line searches work on whole
-        # parameters, which no rank holds; the measurement is the eigenvalues.
+        # Sharded (FSDP2) parameters: the preconditioned eigenproblem needs exact products, which
+        # the shards have not; the line searches run on each rank's rows.
         sharded = is_sharded(operator.params)
         sharpness = (_preconditioned_sharpness(operator, config, state.optimizer, seed)
                      if preconditioned and operator.product == "exact" else None)
@@ -220,11 +224,14 @@ def measure_spectrum(
         # The line searches run on the operator's (micro-)batches and weights, after its graphs
         # are freed.
         # The operator holds the gradient at θ0 of the same batches: the line search reuses it.
-        line = LineLoss(model, loss_fn, operator.batches, operator.weights,
-                        params=operator.params, distributed=operator.distributed,
-                        gradient=None if sharded else base_gradient(operator))
+        line = (ShardedLineLoss(model, loss_fn, operator.batches, operator.weights,
+                                params=operator.params, gradient=base_gradient(operator))
+                if sharded else
+                LineLoss(model, loss_fn, operator.batches, operator.weights,
+                         params=operator.params, distributed=operator.distributed,
+                         gradient=base_gradient(operator)))
     spectral = time.perf_counter()
-    critical = measure_critical(line, state) if config.critical_sharpness and not sharded else None
+    critical = measure_critical(line, state) if config.critical_sharpness else None
     seconds = time.perf_counter() - begin
     values = result.eigenvalues.tolist()
     estimate = SpectrumEstimate(
@@ -256,7 +263,7 @@ def _density(operator: CurvatureOperator, config: MonitorConfig, seed: int) -> D
                              sigma=quadrature.density().sigma, num_products=quadrature.num_products)
 
 
-def _preconditioned_sharpness(operator: Any, config: MonitorConfig,
+def _preconditioned_sharpness(operator: _ModelCurvature, config: MonitorConfig,
                               optimizer: torch.optim.Optimizer | None, seed: int) -> float | None:
     r"""λ_max of :math:`P^{-1/2} H P^{-1/2}` for Adam-family optimizers; ``None`` otherwise.
 

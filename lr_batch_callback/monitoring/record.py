@@ -69,7 +69,7 @@ class DensityQuadrature:
 
 @dataclass(frozen=True)
 class SpectrumEstimate:
-    """What the engine measured.
+    r"""What the engine measured.
 
     Attributes:
         eigenvalues: the top-k eigenvalues, largest first.
@@ -82,9 +82,9 @@ class SpectrumEstimate:
         num_tokens: label tokens it was averaged over (all ranks), when the loss is a
             token-averaged LM loss on batches with ``labels``; else ``None``.
         preconditioned_lambda_max: top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` with Adam's
-            preconditioner :math:`P = \\mathrm{diag}(\\sqrt{\\hat v}) + \\epsilon`, when measured.
+            preconditioner :math:`P = \mathrm{diag}(\sqrt{\hat v}) + \epsilon`, when measured.
         critical: whether critical sharpness was measured.
-        critical_sharpness: :math:`2/\\eta_c` along :math:`-g` or :math:`-P^{-1}g`
+        critical_sharpness: :math:`2/\eta_c` along :math:`-g` or :math:`-P^{-1}g`
             (:mod:`~lr_batch_callback.engine.critical`); ``inf`` when that direction is uphill.
         critical_sharpness_update: the same along the optimizer's actual next update.
         critical_passes: forward passes the line searches took.
@@ -161,20 +161,25 @@ class SpectrumRecord:
 
     @property
     def lambda_min(self) -> float | None:
+        """The most negative eigenvalue, when this measurement included it."""
         return self.estimate.lambda_min
 
     @property
     def eigenvalues(self) -> list[float]:
+        """The top-k eigenvalues, largest first."""
         return self.estimate.eigenvalues
 
     @property
     def effective_batch_size(self) -> int | None:
+        """Samples per optimizer step, when known."""
         return self.context.effective_batch_size
 
     # -- outputs --------------------------------------------------------------------------------
     def metrics(self, k: int | None = None) -> dict[str, float]:
-        """The scalar metrics of the module docstring (``k`` fixes the number of ``top_i`` keys,
-        NaN-padded when fewer eigenvalues were found)."""
+        """The scalar metrics of the module docstring.
+
+        ``k`` fixes the number of ``top_i`` keys, NaN-padded when fewer eigenvalues were found.
+        """
         c, e, ctx = self.curvature, self.estimate, self.context
         k = len(e.eigenvalues) if k is None else k
         out = {f"{c}/lambda_max": self.lambda_max}
@@ -252,7 +257,7 @@ class SpectrumRecord:
         grid, values, _ = broaden(nodes, weights, float(self.density.sigma), grid_size)
         return grid, values
 
-    # -- flat lookups (``record["lambda_max"]``), as the dict records of version 0.1 -------------
+    # -- flat lookups (``record["lambda_max"]``), for code that reads records as plain dicts ----
     def __getitem__(self, key: str) -> Any:
         for part in (self, self.estimate, self.context):
             if key in type(part).__dataclass_fields__ or isinstance(

@@ -48,7 +48,7 @@ def load_spectra(log_dir: str | os.PathLike[str]) -> list[SpectrumRecord]:
     """All spectrum records under ``log_dir`` (or its ``spectra/`` folder), sorted by step.
 
     Each is a :class:`~lr_batch_callback.monitoring.record.SpectrumRecord` (which also answers
-    ``record["lambda_max"]``-style lookups, like the dicts of version 0.1).
+    ``record["lambda_max"]``-style lookups, as a plain dict would).
 
     Raises:
         FileNotFoundError: ``log_dir`` does not exist.

@@ -20,9 +20,10 @@ __all__ = ["stability"]
 
 def stability(optimizer: torch.optim.Optimizer | None, lr: float | None,
               estimate: SpectrumEstimate) -> float | None:
-    r"""``lr × sharpness / threshold`` for ``optimizer``'s first param group; ``None`` when it
-    cannot be said (no optimizer or LR, an Adam-family optimizer without a measured
-    preconditioned sharpness, an optimizer of unknown family).
+    r"""``lr × sharpness / threshold`` for ``optimizer``'s first param group, or ``None``.
+
+    ``None`` is when it cannot be said: no optimizer or LR, an Adam-family optimizer without a
+    measured preconditioned sharpness, an optimizer of unknown family.
 
     Example:
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)

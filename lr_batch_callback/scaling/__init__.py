@@ -1,5 +1,6 @@
-"""Batch-size learning-rate rules and the step-time factor that applies them (no Lightning, no
-curvature engine).
+"""Batch-size learning-rate rules and the step-time factor that applies them.
+
+Nothing here imports Lightning or the curvature engine.
 
 - :mod:`~lr_batch_callback.scaling.rules`: ``scaling_factor``, the rule objects;
 - :mod:`~lr_batch_callback.scaling.optimizers`: Adam-family or SGD-family;

@@ -46,8 +46,10 @@ _SGD_NAME_PARTS = ("sgd", "lars", "momentum")
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside a wrapper with an ``.optimizer`` attribute (Lightning's
-    ``LightningOptimizer``), or the argument itself."""
+    """The optimizer inside a wrapper with an ``.optimizer`` attribute, or the argument itself.
+
+    Such a wrapper is Lightning's ``LightningOptimizer``.
+    """
     # Wrappers such as Lightning's LightningOptimizer keep the real optimizer in ``.optimizer``;
     # duck-typed so that this module never imports Lightning.
     if not isinstance(optimizer, torch.optim.Optimizer):

@@ -168,7 +168,10 @@ class LRScaler:
 
     # ---- hooks ---------------------------------------------------------------------------
 
-    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any  # noqa: ARG002
+                  ) -> None:
+        # (optimizer, args, kwargs) is torch's step pre-hook signature; the step's own arguments
+        # do not matter here.
         # Pending values mean the previous step raised after this hook, or this is a nested
         # hooked step (a subclass whose step calls super().step()): restore first so the
         # factor is applied to the reference value, never compounded.
@@ -195,7 +198,8 @@ class LRScaler:
                     "tensor learning rate. Set the factor of this group to 1.0."
                 )
 
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any,  # noqa: ARG002
+                   kwargs: Any) -> None:  # noqa: ARG002 - torch's step post-hook signature
         self.restore()
 
     def restore(self) -> None:
