@@ -37,6 +37,8 @@ TASKS = {
     "density_measurement": "ours: measurement with density",
     "exact_lambda_max": "ours: λ_max, product='exact'",
     "fd_lambda_max": "ours: λ_max, product='finite_difference'",
+    "fd_lambda_max_kinks_ignored": "ours: λ_max, product='finite_difference', kinks ignored "
+                                   "(memory of a refused product, for comparison only)",
     "pyhessian": "PyHessian: eigenvalues(tol=1e-3)",
     "eigenthings_power": "hessian-eigenthings: power_iteration_one(tol=1e-3)",
     "curvlinops_eigsh": "curvlinops: eigsh(k=1, which='LA', tol=1e-3)",
@@ -114,12 +116,19 @@ def _run_task(task: str, problem: Any) -> None:
         M.ours_measurement(problem, batch, parts=(True, False))
     elif task == "density_measurement":
         M.ours_measurement(problem, batch, parts=(False, True))
-    elif task in ("exact_lambda_max", "fd_lambda_max"):
+    elif task in ("exact_lambda_max", "fd_lambda_max", "fd_lambda_max_kinks_ignored"):
         from lr_batch_callback import MonitorConfig
+        from lr_batch_callback.engine import finite_difference as fd
 
         product = "exact" if task == "exact_lambda_max" else "finite_difference"
-        M.ours_measurement(problem, batch, config=MonitorConfig(product=product,
-                                                                critical_sharpness=False))
+        check = fd.kinks_on_the_way
+        if task == "fd_lambda_max_kinks_ignored":  # a ReLU network: differences are refused
+            fd.kinks_on_the_way = lambda *a, **k: []  # type: ignore[assignment]
+        try:
+            M.ours_measurement(problem, batch, config=MonitorConfig(product=product,
+                                                                    critical_sharpness=False))
+        finally:
+            fd.kinks_on_the_way = check  # type: ignore[assignment]
     elif task == "pyhessian":
         M.pyhessian(problem, batch, tol=1e-3)
     elif task == "eigenthings_power":

@@ -68,39 +68,7 @@ def fit_batch_size_law(
         (10.0, 40.0, 1.0)
     """
     check_curvature(curvature)
-    sizes = _as_vector(batch_sizes, "batch_sizes")
-    values = _as_vector(eigenvalues, "eigenvalues")
-    if sizes.size != values.size:
-        raise ValueError(
-            f"batch_sizes and eigenvalues must have one entry per observation, got {sizes.size} "
-            f"batch sizes and {values.size} eigenvalues."
-        )
-    if sizes.size < 3:
-        raise ValueError(
-            f"The fit needs at least 3 observations (two constants and a residual variance), got "
-            f"{sizes.size}. Measure more batch sizes or more draws per batch size."
-        )
-    for name, array in (("batch_sizes", sizes), ("eigenvalues", values)):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            index = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{name} must be finite, got {float(array[index])!r} at position {index}. Drop "
-                "that observation (a diverged loss or a failed eigenvalue run)."
-            )
-    if (sizes < 1).any():
-        raise ValueError(
-            f"batch sizes must be at least 1 sample, got {float(sizes[sizes < 1][0])!r}. Pass "
-            "numbers of samples, not fractions of the data set."
-        )
-    distinct = np.unique(sizes)
-    if distinct.size < 2:
-        raise ValueError(
-            f"The fit needs at least 2 distinct batch sizes to separate a from c, got only "
-            f"{distinct[0]:g}. Measure at another batch size too."
-        )
-    population = _check_dataset_size(dataset_size, float(sizes.max()))
-
+    sizes, values, population = _observations(batch_sizes, eigenvalues, dataset_size)
     x = _excess_variance_factor(sizes, population)
     n = x.size
     x_mean, y_mean = x.mean(), values.mean()
@@ -133,6 +101,44 @@ def fit_batch_size_law(
 
 
 # -- the noise scale from products -----------------------------------------------------------------
+
+def _observations(batch_sizes: ArrayLike, eigenvalues: ArrayLike, dataset_size: float | None
+                  ) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The observations as float vectors and the data-set size, checked (see the Raises above)."""
+    sizes = _as_vector(batch_sizes, "batch_sizes")
+    values = _as_vector(eigenvalues, "eigenvalues")
+    if sizes.size != values.size:
+        raise ValueError(
+            f"batch_sizes and eigenvalues must have one entry per observation, got {sizes.size} "
+            f"batch sizes and {values.size} eigenvalues."
+        )
+    if sizes.size < 3:
+        raise ValueError(
+            f"The fit needs at least 3 observations (two constants and a residual variance), got "
+            f"{sizes.size}. Measure more batch sizes or more draws per batch size."
+        )
+    for name, array in (("batch_sizes", sizes), ("eigenvalues", values)):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{name} must be finite, got {float(array[index])!r} at position {index}. Drop "
+                "that observation (a diverged loss or a failed eigenvalue run)."
+            )
+    if (sizes < 1).any():
+        raise ValueError(
+            f"batch sizes must be at least 1 sample, got {float(sizes[sizes < 1][0])!r}. Pass "
+            "numbers of samples, not fractions of the data set."
+        )
+    distinct = np.unique(sizes)
+    if distinct.size < 2:
+        raise ValueError(
+            f"The fit needs at least 2 distinct batch sizes to separate a from c, got only "
+            f"{distinct[0]:g}. Measure at another batch size too."
+        )
+    return sizes, values, _check_dataset_size(dataset_size, float(sizes.max()))
+
+
 def noise_scale_from_products(
     products: ArrayLike,
     batch_sizes: ArrayLike,

@@ -213,23 +213,13 @@ def measure_spectrum(
         result = lanczos(operator, config.k, which="both" if parts.lambda_min else "largest",
                          tol=config.tol, max_iter=config.max_iter, seed=seed, options=quiet)
         density = _density(operator, config, seed) if parts.density else None
-        # Sharded (FSDP2) parameters: the preconditioned eigenproblem needs exact products, which
-        # the shards have not; the line searches run on each rank's rows.
-        sharded = is_sharded(operator.params)
+        # Sharded (FSDP2) parameters have no exact product, which this eigenproblem needs.
         sharpness = (_preconditioned_sharpness(operator, config, state.optimizer, seed)
                      if preconditioned and operator.product == "exact" else None)
         products = operator.num_products
         samples, tokens = int(operator.total_samples), operator.total_tokens
         product = operator.product
-        # The line searches run on the operator's (micro-)batches and weights, after its graphs
-        # are freed.
-        # The operator holds the gradient at θ0 of the same batches: the line search reuses it.
-        line = (ShardedLineLoss(model, loss_fn, operator.batches, operator.weights,
-                                params=operator.params, gradient=base_gradient(operator))
-                if sharded else
-                LineLoss(model, loss_fn, operator.batches, operator.weights,
-                         params=operator.params, distributed=operator.distributed,
-                         gradient=base_gradient(operator)))
+        line = _line_loss(model, loss_fn, operator)
     spectral = time.perf_counter()
     critical = measure_critical(line, state) if config.critical_sharpness else None
     seconds = time.perf_counter() - begin
@@ -243,18 +233,35 @@ def measure_spectrum(
         critical_sharpness_update=critical.update if critical else None,
         critical_passes=critical.passes if critical else 0, product=product,
     )
-    context = TrainingContext(
-        effective_batch_size=state.effective_batch_size, lr=state.lr, lr_factor=state.lr_factor,
-        stability=stability(state.optimizer, state.lr, estimate),
-        critical_ratio=critical_ratio(state.lr, estimate.critical_sharpness),
-        critical_ratio_update=critical_ratio(state.lr, estimate.critical_sharpness_update))
     record = SpectrumRecord(step=state.step, epoch=state.epoch, curvature=config.curvature,
-                            estimate=estimate, context=context, density=density)
+                            estimate=estimate, context=_context(state, estimate), density=density)
     # The line searches are a fixed cost per measurement, like the graph build.
     fixed = (built - begin) + (seconds - (spectral - begin))
     cost = MeasurementCost(build_seconds=fixed,
                            seconds_per_product=(spectral - built) / max(products, 1))
     return record, cost
+
+
+def _line_loss(model: nn.Module, loss_fn: LossFn, operator: _ModelCurvature) -> LineLoss:
+    """The critical-sharpness line on the operator's (micro-)batches, weights and parameters.
+
+    It reuses the gradient at θ0 that the operator holds; on FSDP2 shards it works on each
+    rank's rows.
+    """
+    if is_sharded(operator.params):
+        return ShardedLineLoss(model, loss_fn, operator.batches, operator.weights,
+                               params=operator.params, gradient=base_gradient(operator))
+    return LineLoss(model, loss_fn, operator.batches, operator.weights, params=operator.params,
+                    distributed=operator.distributed, gradient=base_gradient(operator))
+
+
+def _context(state: TrainingState, estimate: SpectrumEstimate) -> TrainingContext:
+    """The run's context of a record: batch size, LR, factor and the stability ratios."""
+    return TrainingContext(
+        effective_batch_size=state.effective_batch_size, lr=state.lr, lr_factor=state.lr_factor,
+        stability=stability(state.optimizer, state.lr, estimate),
+        critical_ratio=critical_ratio(state.lr, estimate.critical_sharpness),
+        critical_ratio_update=critical_ratio(state.lr, estimate.critical_sharpness_update))
 
 
 def _density(operator: CurvatureOperator, config: MonitorConfig, seed: int) -> DensityQuadrature:
