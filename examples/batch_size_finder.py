@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder
 
+from _args import example_parser
 from common import (
-    DATASETS,
-    OPTIMIZERS,
     REFERENCE_BATCH_SIZE,
     DigitsClassifier,
     DigitsDataModule,
-    HelpFormatter,
     accelerator,
     default_run_dir,
     make_loggers,
@@ -38,22 +35,12 @@ from lr_batch_callback import BatchSizeLRCallback
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="digits",
-                        help="scikit-learn's bundled digits, or synthetic 8×8 images")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                        help="SGD with momentum 0.9 (linear rule) or Adam (square-root rule)")
+    parser = example_parser(__doc__, fast="1 epoch of 3 steps (smoke test)",
+                            output_dir="runs/batch_size_finder-<timestamp>",
+                            digits=("dataset", "optimizer"))
     parser.add_argument("--max-trials", type=int, default=4,
                         help="BatchSizeFinder's max_trials: how far it doubles the batch size")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs after the search")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA if available")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run directory (default: runs/batch_size_finder-<timestamp>)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    parser.add_argument("--fast", action="store_true", help="1 epoch of 3 steps (smoke test)")
     return parser.parse_args(argv)
 
 

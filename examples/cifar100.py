@@ -31,7 +31,6 @@ import argparse
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,14 +38,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common import (
-    Classifier,
-    HelpFormatter,
-    accelerator,
-    default_run_dir,
-    make_loggers,
-    parse_schedule,
-)
+from _args import example_parser
+from common import Classifier, accelerator, default_run_dir, make_loggers, parse_schedule
 from lr_batch_callback import BatchSizeLRCallback, BatchSizeSchedule, MonitorConfig
 from models import VGG16, WideResNet
 
@@ -157,8 +150,7 @@ class CIFARClassifier(Classifier):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = example_parser(__doc__, output_dir="runs/cifar100-<timestamp>", threads=False)
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", help="folder holding cifar-100-python/")
     data.add_argument("--fake-data", action="store_true",
@@ -172,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     net.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n + 4)")
     net.add_argument("--width", type=int, default=10, help="WideResNet widening factor")
     net.add_argument("--dropout", type=float, default=0.0, help="WideResNet dropout")
+    net.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed on GPU")
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                      help="SGD with momentum 0.9, or AdamW")
@@ -192,19 +185,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--epochs", type=int, default=300,
                      help="LR constant for half of them, then linear decay to 1%% at 90%%")
     opt.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
-    run = parser.add_argument_group("run")
-    run.add_argument("--monitor-every", type=int, default=500,
-                     help="optimizer steps between Hessian measurements")
-    run.add_argument("--max-overhead", type=float, default=0.05,
-                     help="cap on the fraction of training time spent measuring; 0: no cap")
-    run.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
-                     help="Hessian or Generalised Gauss-Newton")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: CUDA if available")
-    run.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed on GPU")
-    run.add_argument("--output-dir", type=Path, default=None,
-                     help="run directory (default: runs/cifar100-<timestamp>)")
-    run.add_argument("--seed", type=int, default=0, help="random seed")
+    monitor = parser.add_argument_group("curvature monitoring")
+    monitor.add_argument("--monitor-every", type=int, default=500,
+                         help="optimizer steps between Hessian measurements")
+    monitor.add_argument("--max-overhead", type=float, default=0.05,
+                         help="cap on the fraction of training time spent measuring; 0: no cap")
+    monitor.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian",
+                         help="Hessian or Generalised Gauss-Newton")
     args = parser.parse_args(argv)
     if not args.fake_data and args.data_dir is None:
         parser.error("pass --data-dir (the folder holding cifar-100-python/) or --fake-data")

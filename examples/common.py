@@ -10,7 +10,6 @@ The networks are in ``models.py``. Not meant to be run; the example scripts impo
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import sys
@@ -209,15 +208,6 @@ class DigitsClassifier(Classifier):
 # ------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each default, except ``None`` and ``False`` (the help text says those)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action) or ""
 
 
 def parse_schedule(text: str) -> dict[int, int]:

@@ -42,15 +42,12 @@ import matplotlib
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from _args import example_parser
 from common import (
-    DATASETS,
     DEFAULT_LR,
-    MODELS,
-    OPTIMIZERS,
     REFERENCE_BATCH_SIZE,
     DigitsClassifier,
     DigitsDataModule,
-    HelpFormatter,
     accelerator,
     default_run_dir,
     make_loggers,
@@ -75,14 +72,8 @@ OPTIMIZER_NAMES = {"sgd": f"SGD (momentum {MOMENTUM})", "adam": "Adam"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="digits",
-                        help="scikit-learn's bundled digits, or synthetic 8×8 images")
-    parser.add_argument("--model", choices=MODELS, default="cnn",
-                        help="SmallCNN (151k parameters) or DigitsMLP (26k)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                        help=f"SGD with momentum {MOMENTUM}, or Adam")
+    parser = example_parser(__doc__, fast="smoke run: 2 epochs of 4 steps each (for the tests)",
+                            output_dir="runs/demo-<timestamp>", digits=("dataset", "model", "optimizer"))
     parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate at batch size {REFERENCE_BATCH_SIZE} (default: "
                              f"{DEFAULT_LR['sgd']} for SGD, {DEFAULT_LR['adam']} for Adam)")
@@ -93,19 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default="auto", help="LR scaling rule; auto: linear for SGD, sqrt for "
                                              "Adam")
     parser.add_argument("--epochs", type=int, default=None, help="default: 9 (2 with --fast)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA if available")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run directory (default: runs/demo-<timestamp>)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--monitor-every", type=int, default=None,
                         help="optimizer steps between spectrum measurements (default: 5; 2 with "
                              "--fast)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch; the tensors are tiny, so one thread is about "
-                             "as fast as several and does not fight other processes for cores")
-    parser.add_argument("--fast", action="store_true",
-                        help="smoke run: 2 epochs of 4 steps each (for the tests)")
     args = parser.parse_args(argv)
     args.schedule = parse_schedule(args.schedule or ("0:16,1:32" if args.fast else "0:32,3:128,6:512"))
     args.epochs = args.epochs or (2 if args.fast else 9)

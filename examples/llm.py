@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-from common import HelpFormatter, accelerator, default_run_dir, make_loggers, read_metrics_csv
+from _args import example_parser
+from common import accelerator, default_run_dir, make_loggers, read_metrics_csv
 from lr_batch_callback import BatchSizeLRCallback, BatchSizeRamp, MonitorConfig
 
 VOCAB = 256  # bytes
@@ -160,20 +161,13 @@ def parse_ramp(text: str) -> dict[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = example_parser(__doc__, fast="12 steps, ramp 0:8,4:16 (smoke test)",
+                            output_dir="runs/llm-<timestamp>")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps")
     parser.add_argument("--ramp", default="0:8,40:16,80:32",
                         help="batch-size ramp, step:samples-per-step pairs (multiples of 8)")
     parser.add_argument("--context", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--monitor-every", type=int, default=20, help="steps between λ_max")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA if available")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run directory (default: runs/llm-<timestamp>)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    parser.add_argument("--fast", action="store_true", help="12 steps, ramp 0:8,4:16 (smoke test)")
     return parser.parse_args(argv)
 
 

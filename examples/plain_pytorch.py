@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from common import DATASETS, MODELS, REFERENCE_BATCH_SIZE, DigitsDataModule, HelpFormatter
+from _args import example_parser
+from common import REFERENCE_BATCH_SIZE, DigitsDataModule
 from lr_batch_callback import LRScaler, hessian_eigenvalues, scaling_factor
 from models import digits_model
 
@@ -48,12 +49,8 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="digits",
-                        help="scikit-learn's bundled digits, or synthetic 8×8 images")
-    parser.add_argument("--model", choices=MODELS, default="cnn",
-                        help="SmallCNN (151k parameters) or DigitsMLP (26k)")
+    parser = example_parser(__doc__, fast="5 steps per phase (smoke test)", device=False,
+                            digits=("dataset", "model"))
     parser.add_argument("--batch-sizes", default="32,128,512", help="one training phase each")
     parser.add_argument("--epochs-per-phase", type=int, default=2, help="epochs per batch size")
     parser.add_argument("--lr", type=float, default=0.01,
@@ -61,9 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9, help="heavy-ball momentum μ")
     parser.add_argument("--rule", choices=("linear", "sqrt", "none"), default="linear",
                         help="LR scaling rule for a batch-size change")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    parser.add_argument("--fast", action="store_true", help="5 steps per phase (smoke test)")
     return parser.parse_args(argv)
 
 

@@ -51,6 +51,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _args import example_parser
 from lr_batch_callback import (
     BatchSizeLaw,
     LRScaler,
@@ -425,11 +426,11 @@ _PARSERS = {"int": int, "float": float, "tuple[int, ...]": _comma_separated(int)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="where results.json, results.md and the figures go (default: examples/results, "
-                        "examples/results/cifar100 with --full, runs/reproduce_paper-<time> with --fast)")
-    p.add_argument("--fast", action="store_true", help="tiny sizes and few steps: a smoke test")
+    # Its own --device: any torch device name (cuda:1, ...), not only Lightning's accelerators.
+    p = example_parser(__doc__, fast="tiny sizes and few steps: a smoke test", device=False,
+                       output_dir="examples/results, examples/results/cifar100 with --full, "
+                                  "runs/reproduce_paper-<time> with --fast; results.json, results.md "
+                                  "and the figures go there")
     p.add_argument("--full", action="store_true", help="CIFAR-100 with VGG-16(-BN) / WRN (a GPU job)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: figures and results.md from <output-dir>/results.json")
@@ -438,9 +439,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="--full: N random CIFAR-shaped training images instead of CIFAR-100 (smoke tests)")
     p.add_argument("--arch", default="vgg16_bn", help="--full: vgg16, vgg16_bn or wrn<depth>_<k>, e.g. wrn28_10")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 because on a shared 2-core machine 2 threads made the "
-                        "small-batch steps 5x slower (OpenMP threads waiting for each other)")
     group = p.add_argument_group("overrides of the preset (the fields of Config; lists comma-separated)")
     for f in fields(Config):
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_PARSERS[str(f.type)], default=None)

@@ -1,9 +1,10 @@
-"""Smoke test of the LR-oracle benchmark: ``benchmarks/lr_oracle.py --quick`` runs as a user runs it.
+"""Smoke test of the LR-oracle benchmark: ``python benchmarks/lr_oracle --quick`` runs as a user runs it.
 
-It starts the script in a subprocess from the repository root, writing into pytest's
+It starts the package folder in a subprocess from the repository root, writing into pytest's
 ``tmp_path``, and checks that every promised output exists and parses and that every rule has a
-score for every task × optimizer × protocol × budget. No timing assertions: the quick mode is
-sized to take seconds, but the machine may be shared.
+score for every task × optimizer × protocol × budget, and that ``python -m benchmarks.lr_oracle
+--markdown-only`` rebuilds the same markdown from the compact summary. No timing assertions: the
+quick mode is sized to take seconds, but the machine may be shared.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "lr_oracle.py"
+SCRIPT = ROOT / "benchmarks" / "lr_oracle"  # a package: python benchmarks/lr_oracle runs its __main__
 
 
 def test_lr_oracle_quick(tmp_path: Path) -> None:
@@ -28,7 +29,7 @@ def test_lr_oracle_quick(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
-        f"lr_oracle.py --quick exited with {proc.returncode}\n--- stdout (tail) ---\n"
+        f"benchmarks/lr_oracle --quick exited with {proc.returncode}\n--- stdout (tail) ---\n"
         f"{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-5000:]}"
     )
 
@@ -72,3 +73,15 @@ def test_lr_oracle_quick(tmp_path: Path) -> None:
         png = tmp_path / f"lr_oracle_{name}.png"
         assert png.stat().st_size > 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The compact summary (what is committed) regenerates the same report.
+    summary = tmp_path / "lr_oracle_summary.json"
+    assert json.loads(summary.read_text())["format"] == "lr_oracle_summary/1"
+    again = tmp_path / "from_summary"
+    again.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lr_oracle", "--markdown-only", str(summary),
+                           "--fig-dir", str(again)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (again / "lr_oracle.md").read_text() == md
+    assert all((again / f"lr_oracle_{name}.png").stat().st_size > 0 for name in tasks)

@@ -16,7 +16,7 @@ step they affect.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,14 +30,13 @@ from typing_extensions import override
 from lr_batch_callback._checks import check_batch_size, check_bool, check_callable
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
+from lr_batch_callback.callbacks.law import OnlineLaw
 from lr_batch_callback.callbacks.loggers import log_metrics
-from lr_batch_callback.callbacks.loss import resolve_loss
 from lr_batch_callback.engine.batching import BatchSizeFn
-from lr_batch_callback.engine.lanczos import DEFAULT_TOL
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.law.model import BatchSizeLaw
-from lr_batch_callback.law.online import LawConfig, SamplePool, fit_from_pool
-from lr_batch_callback.scaling import CurvatureRule, LRScaler, ScalingRule, resolve_rule
+from lr_batch_callback.law.online import LawConfig
+from lr_batch_callback.scaling import LRScaler, ScalingRule, resolve_rule
 
 __all__ = ["BatchSizeLRScaling", "RuleArg", "RuleSpec"]
 
@@ -109,7 +108,6 @@ class BatchSizeLRScaling(StableCallback):
         self.verbose = check_bool(verbose, "verbose")
 
         self.effective_batch_size: int | None = None
-        self.law: BatchSizeLaw | None = None
         self._applied = False  # whether a factor was set on the scalers this fit
         self._effective_lrs: list[list[float]] = []
         self._rules: list[ScalingRule] = []
@@ -118,9 +116,8 @@ class BatchSizeLRScaling(StableCallback):
         self._configured_accumulation: int | None = None  # the Trainer's, before any schedule
         self._shown_factor: float | None = None  # the factor the progress bar holds
         self._restored_rule: str | None = None
-        self._pool = SamplePool(self.law_config.samples)
-        self._law_due = False
         self._warnings = WarningCache()
+        self._law = OnlineLaw(self.law_config, self.loss_fn, self._warnings)
 
     # -- identity & state ---------------------------------------------------------------------------
     @override
@@ -201,8 +198,8 @@ class BatchSizeLRScaling(StableCallback):
                 f"{self.reference_batch_size} is kept, so the factor now follows the new rule "
                 "from that reference."
             )
-        self._set_law_on_rules()
-        self._law_due = self._uses_law and self.law is None
+        self._law.give_to(self._rules)
+        self._law.due = OnlineLaw.wanted(self._rules) and self.law is None
         self._update(trainer, pl_module, start=True)
 
     @override
@@ -216,9 +213,9 @@ class BatchSizeLRScaling(StableCallback):
                            batch: Any, batch_idx: int) -> None:
         if not self.stepped(trainer):
             return  # no optimizer step (gradient accumulation): nothing changed
-        if self._uses_law:
-            self._pool.add(batch)
-            if self._law_due and self._pool.size >= min(self.law_config.samples, 64):
+        if OnlineLaw.wanted(self._rules):
+            self._law.add(batch)
+            if self._law.due and self._law.ready:
                 self._refit_law(trainer, pl_module)
         self._show(trainer, pl_module)
 
@@ -286,9 +283,9 @@ class BatchSizeLRScaling(StableCallback):
             return
         changed = self.effective_batch_size is not None
         self.effective_batch_size = current
-        if changed and self._uses_law:
-            self._law_due = True
-            if self._pool.size >= min(self.law_config.samples, 64):
+        if changed and OnlineLaw.wanted(self._rules):
+            self._law.due = True
+            if self._law.ready:
                 return self._refit_law(trainer, pl_module)  # announces the factor itself
         self._apply(trainer, announce=True)
 
@@ -359,57 +356,16 @@ class BatchSizeLRScaling(StableCallback):
     def _attached(self) -> bool:
         return bool(self._scalers) and self._scalers[0].attached
 
-    # -- the curvature law ----------------------------------------------------------------------------
+    # -- the curvature law (rule="curvature") ---------------------------------------------------------
     @property
-    def _uses_law(self) -> bool:
-        return any(isinstance(r, CurvatureRule) for r in self._rules)
+    def law(self) -> BatchSizeLaw | None:
+        """The fitted λ(B) law of ``rule="curvature"``, or ``None``."""
+        return self._law.law
 
-    def _set_law_on_rules(self) -> bool:
-        """Give the fitted law to the curvature rules if it is good enough; say whether it was."""
-        # Gate on the fit of the per-B means: single draws scatter too much at small B for the
-        # per-draw R² to say whether λ(B) is captured (0.34 on digits where the means gave 0.95).
-        usable = (self.law is not None
-                  and self.law.r_squared_of_means >= self.law_config.min_r_squared)
-        for rule in self._rules:
-            if isinstance(rule, CurvatureRule):
-                rule.law = self.law if usable else None
-        return usable
+    @law.setter
+    def law(self, value: BatchSizeLaw | None) -> None:
+        self._law.law = value
 
     def _refit_law(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._law_due = False
-        law = None
-        # Under DDP each rank holds other samples and would fit another law and step with another
-        # learning rate: rank 0 fits, every rank uses its law.
-        if trainer.is_global_zero:
-            try:
-                dataset = getattr(trainer.train_dataloader, "dataset", None)
-                size = len(dataset) if isinstance(dataset, Sized) else None
-                loss_fn = resolve_loss(pl_module, self.loss_fn, self._warnings)
-                law = fit_from_pool(
-                    pl_module, loss_fn, self._pool, self.law_config,
-                    curvature="hessian", dataset_size=size, seed=trainer.global_step,
-                    tol=DEFAULT_TOL, max_iter=50)
-            except Exception as exc:
-                self._warnings.warn(f"rule='curvature': fitting the λ(B) law failed ({exc}); "
-                                    "keeping the previous factor.")
-        if trainer.world_size > 1:
-            data = trainer.strategy.broadcast(law.to_dict() if law is not None else None, src=0)
-            law = BatchSizeLaw.from_dict(data) if data is not None else None
-        if law is not None:
-            self.law = law
-            if not self._set_law_on_rules():
-                self._warnings.warn(
-                    f"rule='curvature': the λ(B) fit is too noisy to use (R² of the per-batch-size "
-                    f"means {law.r_squared_of_means:.2f} < min_r_squared="
-                    f"{self.law_config.min_r_squared}); using the fixed linear/√ rule until a "
-                    "better fit. Raise LawConfig.samples or .draws for a steadier fit."
-                )
-            if trainer.is_global_zero:
-                log_metrics(trainer.loggers, {
-                    "law/lambda_emp": law.lambda_emp,
-                    "law/noise_coefficient": law.noise_coefficient,
-                    "law/critical_batch_size": law.critical_batch_size,
-                    "law/r_squared": law.r_squared,
-                    "law/r_squared_of_means": law.r_squared_of_means,
-                }, trainer.global_step)
+        self._law.refit(trainer, pl_module, self._rules)
         self._apply(trainer, announce=True)
