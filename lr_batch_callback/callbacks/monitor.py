@@ -35,7 +35,8 @@ from lr_batch_callback.callbacks.loss import resolve_loss
 from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
-from lr_batch_callback.monitoring.budget import Budget
+from lr_batch_callback.monitoring.budget import Budget, Plan
+from lr_batch_callback.monitoring.guard import guard_factor
 from lr_batch_callback.monitoring.measurement import (
     MonitorConfig,
     Parts,
@@ -131,6 +132,7 @@ class SpectrumMonitor(StableCallback):
         self._scaling: BatchSizeLRScaling | None = None  # where the LR (and batch size) come from
         self._told = False  # the scaling part was given by use_scaling, not found at fit
         self._measure_next = False
+        self._after_increase = False  # the next measurement is the first after an increase
         self._destinations: list[Any] = []
         self._warnings = WarningCache()
         self._stretch_said = False
@@ -198,6 +200,7 @@ class SpectrumMonitor(StableCallback):
         current = self._read_batch_size(trainer, pl_module)
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change
+            self._after_increase = current > self._effective
         self._effective = current
 
     @override
@@ -215,6 +218,9 @@ class SpectrumMonitor(StableCallback):
         wanted = (self._part_due("lambda_min", self.config.lambda_min_every),
                   self._part_due("density", self.config.density_every))
         plan = self.budget.plan(*wanted)
+        if self._guarding and not plan.run:
+            # The guard needs the curvature at the new size: λ_max alone, whatever the budget.
+            plan = Plan(run=True)
         if trainer.world_size > 1:
             # Every rank must take the same decision: a measurement runs collectives.
             plan = trainer.strategy.broadcast(plan, src=0)
@@ -222,6 +228,21 @@ class SpectrumMonitor(StableCallback):
             self._skip(trainer, over_budget=True)
             return
         self._measure(trainer, pl_module, batch, plan.parts)
+
+    # -- the guard on batch-size increases --------------------------------------------------------
+    @property
+    def _guarding(self) -> bool:
+        """Whether the coming measurement decides the guard (the first after an increase)."""
+        return self._after_increase and self.config.guard and self._scaling is not None
+
+    def _guard(self, trainer: Trainer, record: SpectrumRecord) -> None:
+        """After an increase, tell the scaling part to cap its factor at the measured edge."""
+        guarding, self._after_increase = self._guarding, False
+        if not guarding or self._scaling is None:
+            return
+        capped = guard_factor(record.context.lr_factor, record.context.stability)
+        if capped is not None:
+            self._scaling.cap_factor(trainer, capped, record.context.stability or 1.0)
 
     # -- measuring --------------------------------------------------------------------------------
     def _part_due(self, part: str, every: int) -> bool:
@@ -272,6 +293,7 @@ class SpectrumMonitor(StableCallback):
             return
         self._account(record, cost, parts)
         self.last = record
+        self._guard(trainer, record)
         self._show(pl_module, record)
         ratio = record.context.stability
         if ratio is not None and ratio > 1.0:

@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.rank_zero import WarningCache
 from typing_extensions import override
 
@@ -109,6 +109,8 @@ class BatchSizeLRScaling(StableCallback):
 
         self.effective_batch_size: int | None = None
         self._applied = False  # whether a factor was set on the scalers this fit
+        self.guard_cap: float | None = None  # the first optimizer's factor cap, until a change
+        self._guard_said = False
         self._effective_lrs: list[list[float]] = []
         self._rules: list[ScalingRule] = []
         self._scalers: list[LRScaler] = []
@@ -127,6 +129,7 @@ class BatchSizeLRScaling(StableCallback):
             "effective_batch_size": self.effective_batch_size,
             "rule": self.rule_names or [_rule_name(self.rule)],
             "law": self.law.to_dict() if self.law is not None else None,
+            "guard_cap": self.guard_cap,
         }
 
     @override
@@ -135,6 +138,8 @@ class BatchSizeLRScaling(StableCallback):
             self.reference_batch_size = int(state_dict["reference_batch_size"])
         if state_dict.get("law"):
             self.law = BatchSizeLaw.from_dict(state_dict["law"])
+        cap = state_dict.get("guard_cap")
+        self.guard_cap = float(cap) if cap is not None else None
         rule = state_dict.get("rule")
         self._restored_rule = ",".join(rule) if isinstance(rule, list) else rule
 
@@ -283,6 +288,8 @@ class BatchSizeLRScaling(StableCallback):
             return
         changed = self.effective_batch_size is not None
         self.effective_batch_size = current
+        if changed:
+            self.guard_cap = None  # a new size: the next measurement decides again
         if changed and OnlineLaw.wanted(self._rules):
             self._law.due = True
             if self._law.ready:
@@ -291,8 +298,11 @@ class BatchSizeLRScaling(StableCallback):
 
     def _apply(self, trainer: Trainer, announce: bool) -> None:
         assert self.reference_batch_size is not None and self.effective_batch_size is not None
-        for rule, scaler in zip(self._rules, self._scalers, strict=True):
-            scaler.set_factor(float(rule(self.reference_batch_size, self.effective_batch_size)))
+        for i, (rule, scaler) in enumerate(zip(self._rules, self._scalers, strict=True)):
+            factor = float(rule(self.reference_batch_size, self.effective_batch_size))
+            if i == 0 and self.guard_cap is not None:
+                factor = min(factor, self.guard_cap)
+            scaler.set_factor(factor)
         self._applied = True
         if announce and self.verbose:
             rank_zero_info(
@@ -304,12 +314,34 @@ class BatchSizeLRScaling(StableCallback):
         if trainer.is_global_zero:
             log_metrics(trainer.loggers, self.scaling_metrics(), trainer.global_step)
 
+    def cap_factor(self, trainer: Trainer, cap: float, ratio: float) -> None:
+        """Cap the first optimizer's factor at ``cap`` until the next batch-size change.
+
+        Called by the monitor's guard (:mod:`~lr_batch_callback.monitoring.guard`) when the
+        measurement right after an increase puts the LR ``ratio`` times past the edge.
+        """
+        if not self._scalers or not self._applied:
+            return
+        before = self.factors[0]
+        self.guard_cap = cap
+        if not self._guard_said:
+            self._guard_said = True
+            rank_zero_warn(
+                f"BatchSizeLRScaling: at effective batch size {self.effective_batch_size} the LR "
+                f"factor {before:.4g} puts the LR {ratio:.2f}x past the edge of stability "
+                f"measured right after the change; capped at {cap:.4g} until the next change "
+                "(logged as lr_batch/guard_cap). MonitorConfig(guard=False) turns the guard off. "
+                "(Said once.)")
+        self._apply(trainer, announce=True)
+
     def scaling_metrics(self) -> dict[str, float]:
         """The fixed-key LR metrics: ``lr_batch/*`` (see the README)."""
         metrics = {
             "lr_batch/effective_batch_size": float(self.effective_batch_size or math.nan),
             "lr_batch/reference_batch_size": float(self.reference_batch_size or math.nan),
         }
+        if self.guard_cap is not None:
+            metrics["lr_batch/guard_cap"] = self.guard_cap
         if self._attached and self.factors:  # active: the LRs the next step uses
             self._effective_lrs = [[float(lr) for lr in sc.effective_lrs()] for sc in self._scalers]
         for i, (factor, lrs) in enumerate(zip(self.factors, self._effective_lrs, strict=True)):

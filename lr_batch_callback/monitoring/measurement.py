@@ -82,6 +82,10 @@ class MonitorConfig:
             on a large model it alone costs many training steps, and the critical
             sharpness along −P⁻¹g ranks Adam's failed runs as well (README, Critical sharpness). With
             product='finite_difference' it is not measured (exact products only).
+        guard: after a batch-size increase, cap the first optimizer's LR factor at the edge of
+            stability measured right after the change (:mod:`~lr_batch_callback.monitoring.guard`;
+            SGD family; Adam family only with ``preconditioned_sharpness=True``). Needs an LR
+            scaling part and ``monitor_on_batch_size_change``; the cap holds until the next change.
         product: how curvature products are computed (:mod:`~lr_batch_callback.engine.products`):
             ``"fastest"`` (the default: forward differences of first-order gradients where the
             loss is smooth and ``tol`` allows them, about 1e-3 of the radius in float32, at one
@@ -103,6 +107,7 @@ class MonitorConfig:
     critical_sharpness: bool = True
     preconditioned_sharpness: bool = False
     product: str = "fastest"
+    guard: bool = True
 
     def __post_init__(self) -> None:
         check_curvature(self.curvature)
@@ -120,6 +125,7 @@ class MonitorConfig:
         check_bool(self.save_spectra, "save_spectra")
         check_bool(self.critical_sharpness, "critical_sharpness")
         check_bool(self.preconditioned_sharpness, "preconditioned_sharpness")
+        check_bool(self.guard, "guard")
 
 
 @dataclass(frozen=True)

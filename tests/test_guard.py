@@ -1,0 +1,68 @@
+"""The guard on batch-size increases: the factor is capped at the edge measured after the change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from lightning.pytorch import Trainer
+
+from lr_batch_callback import BatchSizeLRCallback, MonitorConfig
+from lr_batch_callback.callbacks import BatchSizeRamp
+from lr_batch_callback.monitoring.guard import guard_factor
+from tests.lightning_helpers import TinyModule
+
+MOMENTUM = 0.9  # TinyModule's SGD
+
+
+def _fit(guard: bool, ramp: dict[int, int], lr: float = 0.5, steps: int = 12
+         ) -> tuple[BatchSizeLRCallback, TinyModule]:
+    module = TinyModule(batch_size=8, lr=lr, n=512)
+    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=1000, verbose=False,
+                             monitor=MonitorConfig(guard=guard, critical_sharpness=False,
+                                                   density_every=0, save_spectra=False))
+    trainer = Trainer(max_steps=steps, callbacks=[BatchSizeRamp(ramp), cb], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    return cb, module
+
+
+def test_guard_factor_is_the_factor_over_the_ratio_past_the_edge() -> None:
+    assert guard_factor(8.0, 2.0) == 4.0
+    assert guard_factor(8.0, 1.0) is None
+    assert guard_factor(8.0, None) is None
+    assert guard_factor(8.0, math.nan) is None
+
+
+def test_an_increase_past_the_edge_is_capped_at_the_measured_edge() -> None:
+    cb, module = _fit(guard=True, ramp={0: 8, 2: 64})
+    record = cb.monitor.last
+    assert record is not None and record.effective_batch_size == 64
+    assert record.context.lr_factor == 8.0  # measured at the rule's factor, right after it
+    lam = record.estimate.eigenvalues[0]
+    ratio = 0.5 * 8.0 * lam / (2 * (1 + MOMENTUM))
+    assert record.context.stability == pytest.approx(ratio, rel=1e-9)
+    assert ratio > 1  # the setting of this test: linear scaling overshoots the edge
+    cap = 8.0 / ratio
+    assert cb.scaling.guard_cap == pytest.approx(cap)
+    assert cb.factors == [pytest.approx(cap)]
+    # The LR the next steps use is at the edge of the measured curvature: 2(1+μ)/λ.
+    assert cb.scaling.scaling_metrics()["lr_batch/lr_pg0"] == pytest.approx(
+        2 * (1 + MOMENTUM) / lam)
+    assert cb.scaling.scaling_metrics()["lr_batch/guard_cap"] == pytest.approx(cap)
+    assert cb.scaling.state_dict()["guard_cap"] == pytest.approx(cap)
+
+
+def test_without_the_guard_the_rule_factor_stands() -> None:
+    cb, _ = _fit(guard=False, ramp={0: 8, 2: 64})
+    assert cb.monitor.last is not None and cb.monitor.last.context.stability > 1
+    assert cb.factors == [8.0]
+    assert cb.scaling.guard_cap is None
+
+
+def test_a_small_lr_is_not_capped() -> None:
+    cb, _ = _fit(guard=True, ramp={0: 8, 2: 16}, lr=1e-3)
+    assert cb.monitor.last is not None and cb.monitor.last.context.stability < 1
+    assert cb.factors == [2.0]
+    assert cb.scaling.guard_cap is None
