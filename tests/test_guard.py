@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from lightning.pytorch import Trainer
@@ -10,18 +11,20 @@ from lightning.pytorch import Trainer
 from lr_batch_callback import BatchSizeLRCallback, MonitorConfig
 from lr_batch_callback.callbacks import BatchSizeRamp
 from lr_batch_callback.monitoring.guard import guard_factor
-from tests.lightning_helpers import TinyModule
+from lr_batch_callback.monitoring.warning import CALIBRATION
+from tests.lightning_helpers import MemoryLogger, TinyModule
 
 MOMENTUM = 0.9  # TinyModule's SGD
 
 
-def _fit(guard: bool, ramp: dict[int, int], lr: float = 0.5, steps: int = 12
-         ) -> tuple[BatchSizeLRCallback, TinyModule]:
+def _fit(guard: bool, ramp: dict[int, int], lr: float = 0.5, steps: int = 12, every: int = 1000,
+         logger: Any = False) -> tuple[BatchSizeLRCallback, TinyModule]:
     module = TinyModule(batch_size=8, lr=lr, n=512)
-    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=1000, verbose=False,
+    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=every, verbose=False,
                              monitor=MonitorConfig(guard=guard, critical_sharpness=False,
-                                                   density_every=0, save_spectra=False))
-    trainer = Trainer(max_steps=steps, callbacks=[BatchSizeRamp(ramp), cb], logger=False,
+                                                   density_every=0, save_spectra=False,
+                                                   max_overhead=None))
+    trainer = Trainer(max_steps=steps, callbacks=[BatchSizeRamp(ramp), cb], logger=logger,
                       enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu")
     trainer.fit(module)
@@ -66,3 +69,27 @@ def test_a_small_lr_is_not_capped() -> None:
     assert cb.monitor.last is not None and cb.monitor.last.context.stability < 1
     assert cb.factors == [2.0]
     assert cb.scaling.guard_cap is None
+
+
+def test_the_warning_after_an_increase_uses_the_absolute_form_without_a_prior_measurement() -> None:
+    logger = MemoryLogger()
+    with pytest.warns(UserWarning, match="after the batch-size increase to 64"):
+        cb, _ = _fit(guard=False, ramp={0: 8, 2: 64}, logger=logger)
+    record = cb.monitor.last
+    assert record is not None and record.context.stability is not None
+    (risk,) = logger.values("hessian/change_risk").values()
+    assert risk == pytest.approx(record.context.stability / CALIBRATION[(False, False)][1])
+
+
+def test_the_warning_after_an_increase_compares_with_the_measurement_before_it() -> None:
+    logger = MemoryLogger()
+    cb, _ = _fit(guard=False, ramp={0: 8, 2: 64}, lr=0.01, every=4, logger=logger)
+    stability = logger.values("hessian/stability")
+    sizes = logger.values("hessian/effective_batch_size")
+    before = max(step for step, size in sizes.items() if size == 8)
+    after = min(step for step, size in sizes.items() if size == 64)
+    (step, risk), = logger.values("hessian/change_risk").items()
+    assert step == after
+    # LR × λ_max after over before = the ratio of the stability ratios (same momentum).
+    expected = stability[after] / stability[before] / CALIBRATION[(False, True)][1]
+    assert risk == pytest.approx(expected, rel=1e-9)

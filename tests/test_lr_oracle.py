@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.examples
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lr_oracle"  # a package: python benchmarks/lr_oracle runs its __main__
 
@@ -44,6 +47,13 @@ def test_lr_oracle_quick(tmp_path: Path) -> None:
     seen = set()
     for tr in results["results"]:
         seen.add((tr["task"], tr["optimizer"]))
+        # critical sharpness on the batches of lambda: along -g / -P^-1 g (a descent direction:
+        # finite, > 0) and along the next update (JSON null = inf: the update is uphill there)
+        for m in tr["measurements"]:
+            for B in m["lambda"]:
+                assert math.isfinite(m["critical"][B]) and m["critical"][B] > 0
+                up = m["critical_update"][B]
+                assert up is None or (math.isfinite(up) and up > 0)
         assert set(tr["protocols"]) == {"a", "b"}
         for proto in tr["protocols"].values():
             summary = proto["scores"]["summary"]

@@ -3,23 +3,26 @@
 :func:`measure_switch_point` takes the state after S steps at B0 and, per seed, fits the
 library's batch-size law (``estimate_batch_size_law``, as the callback does), measures λ_max of
 batch Hessians (``hessian_eigenvalues``), Adam's preconditioned sharpness (``lanczos`` on a
-``CurvatureOperator.from_function`` around the library's ``HessianOperator``) and the gradient
-noise scales of McCandlish et al. (2018).
+``CurvatureOperator.from_function`` around the library's ``HessianOperator``), the critical
+sharpness on the same batches (the library's forward-only line search, ``critical_sharpness``:
+along the (preconditioned) gradient and along the optimizer's actual next update) and the
+gradient noise scales of McCandlish et al. (2018).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.lr_oracle.rules import ADAM_EPS, BETAS, fit_law_edge
+from benchmarks.lr_oracle.rules import ADAM_EPS, BETAS, MOMENTUM, fit_law_edge
 from benchmarks.lr_oracle.tasks import Ensemble, Task, index_stream
 from lr_batch_callback import (
     CurvatureOperator,
@@ -28,6 +31,7 @@ from lr_batch_callback import (
     hessian_eigenvalues,
     lanczos,
 )
+from lr_batch_callback.engine.critical import CriticalStep, LineLoss, critical_sharpness
 
 
 def flat_params(model: nn.Module) -> list[Tensor]:
@@ -42,6 +46,56 @@ def extract(task: Task, state: dict[str, Any], m: int, seed: int) -> Ensemble:
             v.copy_(state["model"][k][m:m + 1])
     single.train()
     return single
+
+
+def seed_optimizer_state(state: dict[str, Any], m: int, model: Ensemble) -> dict[str, Any]:
+    """Copy m's slice of an :class:`~benchmarks.lr_oracle.oracle.EnsembleOptimizer` snapshot:
+    ``{"t": steps taken, "state": {parameter name: {slot: tensor shaped like the parameter}}}``,
+    in the order of ``model``'s trainable parameters (views of the snapshot: read, never written)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"t": int(state["opt"]["t"]),
+            "state": {n: {k: v[m:m + 1] for k, v in state["opt"]["state"][n].items()} for n in names}}
+
+
+def gradient_direction(kind: str, grad: Sequence[Tensor], opt: dict[str, Any]) -> list[Tensor]:
+    """The step without momentum per unit LR: −g (SGD) or −P⁻¹g (Adam), P = √v̂ + ε with
+    v̂ = v/(1 − β2^t) from the optimizer state (t its step count)."""
+    if kind == "sgd":
+        return [-g for g in grad]
+    bias2 = 1 - BETAS[1] ** opt["t"]
+    return [-g / ((st["v"] / bias2).sqrt() + ADAM_EPS)
+            for g, st in zip(grad, opt["state"].values(), strict=True)]
+
+
+def update_direction(kind: str, grad: Sequence[Tensor], opt: dict[str, Any]) -> list[Tensor]:
+    """The optimizer's next update per unit LR with gradient g, out of place (the state is not
+    touched): SGD buf' = μ·buf + g, −buf'; Adam m' = β1·m + (1−β1)g, v' = β2·v + (1−β2)g²,
+    t' = t + 1, −(m'/(1−β1^t'))/(√(v'/(1−β2^t')) + ε) — :class:`EnsembleOptimizer`'s step."""
+    out = []
+    for g, st in zip(grad, opt["state"].values(), strict=True):
+        if kind == "sgd":
+            out.append(-(MOMENTUM * st["buf"] + g))
+        else:
+            b1, b2 = BETAS
+            t = opt["t"] + 1
+            m = b1 * st["m"] + (1 - b1) * g
+            v = b2 * st["v"] + (1 - b2) * g * g
+            out.append(-(m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + ADAM_EPS))
+    return out
+
+
+def critical_sharpnesses(model: Ensemble, loss_fn, batch, kind: str, opt: dict[str, Any],
+                         lr: float) -> dict[str, CriticalStep]:
+    """The critical sharpness 2/η_c of the batch loss (the one ``hessian_eigenvalues`` is given:
+    the model as it is, train mode, BatchNorm on the batch's statistics; ``LineLoss`` restores
+    parameters and buffers) along :func:`gradient_direction` (``critical``) and
+    :func:`update_direction` (``critical_update``), both from this batch's gradient; the line
+    search starts at ``lr`` (the LR in use)."""
+    with LineLoss(model, loss_fn, [batch], [1.0]) as line:
+        grad = line.gradient()
+        return {"critical": critical_sharpness(line, grad, gradient_direction(kind, grad, opt), first=lr),
+                "critical_update": critical_sharpness(line, grad, update_direction(kind, grad, opt),
+                                                      first=lr)}
 
 
 def preconditioned_sharpness(model: Ensemble, loss_fn, batch, scale: Sequence[Tensor], *,
@@ -127,8 +181,14 @@ def noise_scale_hessian(model: Ensemble, loss_fn, pool: tuple[Tensor, Tensor], b
 
 
 def measure_switch_point(task: Task, kind: str, state: dict[str, Any], seeds: Sequence[int],
-                         quick: bool) -> list[dict[str, Any]]:
-    """Everything the rules need, per seed, at the state after S steps at B0."""
+                         quick: bool, *, lr: float | None = None) -> list[dict[str, Any]]:
+    """Everything the rules need, per seed, at the state after S steps at B0.
+
+    ``lr``: the LR of those steps (the prefix LR), where the critical-sharpness line searches
+    start (default: the task's guess; it changes where the search starts, not its result).
+    """
+    if lr is None:
+        lr = task.lr_guess[kind]
     loss_fn = task.single_loss_fn()
     S, B0, N = task.steps, task.B0, task.n_train
     out = []
@@ -145,7 +205,9 @@ def measure_switch_point(task: Task, kind: str, state: dict[str, Any], seeds: Se
             opt_v = [state["opt"]["state"][n]["v"][m:m + 1] / (1 - BETAS[1] ** state["opt"]["t"])
                      for n, _ in single.named_parameters()]
             scale = [1.0 / (v.sqrt() + ADAM_EPS).sqrt() for v in opt_v]
-        rec.update(measure_sharpness(task, single, loss_fn, seed, scale, quick))
+        opt = seed_optimizer_state(state, m, single)
+        critical = functools.partial(critical_sharpnesses, single, loss_fn, kind=kind, opt=opt, lr=lr)
+        rec.update(measure_sharpness(task, single, loss_fn, seed, scale, quick, critical=critical))
         # 3. gradient noise scale
         rec["noise"] = noise_scale(single, loss_fn, pool, min(task.batch_sizes), N)
         rec["noise_hess"] = noise_scale_hessian(single, loss_fn, pool, min(task.batch_sizes), N,
@@ -170,15 +232,22 @@ def measure_law(model: Ensemble, loss_fn, pool, N: int, *, seed: int, quick: boo
 
 
 def measure_sharpness(task: Task, model: Ensemble, loss_fn, seed: int,
-                      scale: Sequence[Tensor] | None, quick: bool) -> dict[str, Any]:
+                      scale: Sequence[Tensor] | None, quick: bool, *,
+                      critical: Callable[[Any], dict[str, CriticalStep]] | None = None) -> dict[str, Any]:
     """2. λ_max on random batches of each size (and, given ``scale``, the preconditioned
-    sharpness λ_max(D H_B D) on the same batches), averaged over draws."""
+    sharpness λ_max(D H_B D) on the same batches), averaged over draws; given ``critical``
+    (batch → {name: CriticalStep}, :func:`critical_sharpnesses`), each name's critical sharpness
+    on the same batches, averaged over draws the same way (inf if one draw is uphill), and
+    whether every search converged (``critical_converged``)."""
     N = task.n_train
     g = torch.Generator().manual_seed(99 + seed)
     lam, lam_p, conv = {}, {}, {}
+    crit: dict[str, dict[int, float]] = {}
+    crit_conv: dict[str, dict[int, bool]] = {}
     for B in sorted(set(task.batch_sizes) | {task.B0}):
         draws = 1 if quick else (3 if B <= 64 else 2)
         vals, pvals, cv = [], [], []
+        cvals: dict[str, list[CriticalStep]] = {}
         for d in range(draws):
             idx = torch.randperm(N, generator=g)[:B]
             batch = (task.x_train[idx], task.y_train[idx])
@@ -191,8 +260,18 @@ def measure_sharpness(task: Task, model: Ensemble, loss_fn, seed: int,
                                                    max_iter=10 if quick else 80, seed=2000 * seed + d)
                 pvals.append(top)
                 cv.append(ok)
+            if critical is not None:
+                for name, res in critical(batch).items():
+                    cvals.setdefault(name, []).append(res)
         lam[B] = float(np.mean(vals))
+        for name, results in cvals.items():
+            crit.setdefault(name, {})[B] = float(np.mean([r.sharpness for r in results]))
+            crit_conv.setdefault(name, {})[B] = all(r.converged for r in results)
         if pvals:
             lam_p[B] = float(np.mean(pvals))
         conv[B] = all(cv)
-    return {"lambda": lam, "lambda_precond": lam_p, "lanczos_converged": conv}
+    out: dict[str, Any] = {"lambda": lam, "lambda_precond": lam_p, "lanczos_converged": conv}
+    out.update(crit)
+    if crit_conv:
+        out["critical_converged"] = crit_conv
+    return out

@@ -197,6 +197,35 @@ def search(task: Task, kind: str, B: int, anchor: float, ks: Sequence[int], cfg:
 
 
 
+def scratch_ks(cfg: Config) -> range:
+    """The first lattice of protocol a's search at B0 (around the task's guess)."""
+    return range(-2 if cfg.quick else -8, (2 if cfg.quick else 8) + 1)
+
+
+def train_prefix(task: Task, kind: str, lr: float, seeds: Sequence[int]) -> tuple[dict[str, Any], list[float]]:
+    """The switch-point state again, trained alone: the B0 run at ``lr`` from scratch (salt 0,
+    as protocol a's search trains it) for S steps, one copy per seed, in the layout
+    :func:`search` keeps (``keep_state``), and its final training objective per seed.
+
+    The copies of an ensemble are independent, but the kernels of an ensemble of one copy (one
+    seed) may round differently from those of a lattice: compare the objective with the stored
+    one, and replay the search where it differs (:func:`prefix_state`).
+    """
+    S = task.steps
+    res = train_group(task, kind, task.B0, [lr], seeds, sorted(set(budgets(task, task.B0).values())),
+                      start=None, salt=0, keep_state=True)
+    return res["state"], res["train"][S][0]
+
+
+def prefix_state(task: Task, kind: str, k_best: int, cfg: Config) -> tuple[dict[str, Any], list[float]]:
+    """The switch-point state as :func:`run_task_optimizer` makes it: protocol a's search at B0
+    replayed (the same lattice and rounds), the state of lattice point ``k_best`` (LR =
+    the guess · 2^(k/2)), and its final training objective per seed."""
+    a0 = search(task, kind, task.B0, task.lr_guess[kind], scratch_ks(cfg), cfg, start=None, salt=0,
+                keep_state=True)
+    return a0["_states"][k_best], a0["points"][str(k_best)]["fixed_step"]["train"]
+
+
 def initial_ks(center_k: float, rule_ks: Sequence[float], half_width: int, span_cap: int) -> list[int]:
     lo, hi = math.floor(center_k) - half_width, math.ceil(center_k) + half_width
     finite = [k for k in rule_ks if math.isfinite(k)]
@@ -213,8 +242,7 @@ def run_task_optimizer(task: Task, kind: str, cfg: Config) -> dict[str, Any]:
     half, cap = (1, 3) if cfg.quick else (4, 10)
     # (a) from scratch at B0, on a wide lattice around the guess
     guess = task.lr_guess[kind]
-    a0 = search(task, kind, B0, guess, range(-2 if cfg.quick else -8, (2 if cfg.quick else 8) + 1), cfg,
-                start=None, salt=0, keep_state=True)
+    a0 = search(task, kind, B0, guess, scratch_ks(cfg), cfg, start=None, salt=0, keep_state=True)
     c0 = a0["curves"]["fixed_step"]
     if c0.get("k_star") is None:
         raise RuntimeError(f"{task.name}/{kind}: every LR failed at B0={B0}")
@@ -225,7 +253,7 @@ def run_task_optimizer(task: Task, kind: str, cfg: Config) -> dict[str, Any]:
     log(f"{task.name}/{kind}: LR*_a(B0={B0}) = {lr_prefix:.4g} (lattice), {a0['seconds']:.0f}s")
     # the prefix state is the B0 run at that LR after S steps (fixed-step = fixed-epoch at B0)
     t0 = time.perf_counter()
-    meas = measure_switch_point(task, kind, prefix, cfg.seeds, cfg.quick)
+    meas = measure_switch_point(task, kind, prefix, cfg.seeds, cfg.quick, lr=lr_prefix)
     out["measure_seconds"] = time.perf_counter() - t0
     log(f"{task.name}/{kind}: switch-point measurements {out['measure_seconds']:.0f}s; "
         f"law R²(means) {[round(m['law_r_squared_of_means'], 2) for m in meas]}, "

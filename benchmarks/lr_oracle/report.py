@@ -33,7 +33,8 @@ CELL_FIELDS = ("B", "lr_rule", "log2_err", "in_band", "diverged", "loss_gap")
 # the final loss, no failed seed; the oracle, its band and the largest non-diverging LR).
 CURVE_FIELDS = ("k", "mean", "se", "ok", "k_star", "best_mean", "band_k", "k_stable", "stable_at_top")
 MEASUREMENT_FIELDS = ("seed", "law_r_squared_of_means", "law_critical_batch_size", "law_edge",
-                      "lambda", "lambda_precond", "lanczos_converged", "noise", "noise_hess",
+                      "lambda", "lambda_precond", "lanczos_converged", "critical", "critical_update",
+                      "critical_converged", "noise", "noise_hess",
                       "seconds")
 
 

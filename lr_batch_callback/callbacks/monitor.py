@@ -15,6 +15,7 @@ crashed run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -44,6 +45,8 @@ from lr_batch_callback.monitoring.measurement import (
     measure_spectrum,
 )
 from lr_batch_callback.monitoring.record import SpectrumRecord
+from lr_batch_callback.monitoring.warning import change_risk
+from lr_batch_callback.scaling.optimizers import is_adaptive
 
 __all__ = ["SpectrumMonitor"]
 
@@ -133,9 +136,11 @@ class SpectrumMonitor(StableCallback):
         self._told = False  # the scaling part was given by use_scaling, not found at fit
         self._measure_next = False
         self._after_increase = False  # the next measurement is the first after an increase
+        self._before_change: SpectrumRecord | None = None  # the last record at the old size
         self._destinations: list[Any] = []
         self._warnings = WarningCache()
         self._stretch_said = False
+        self._risk_said = False
 
     # -- state ------------------------------------------------------------------------------------
     @override
@@ -201,6 +206,7 @@ class SpectrumMonitor(StableCallback):
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change
             self._after_increase = current > self._effective
+            self._before_change = self.last if current > self._effective else None
         self._effective = current
 
     @override
@@ -236,13 +242,34 @@ class SpectrumMonitor(StableCallback):
         return self._after_increase and self.config.guard and self._scaling is not None
 
     def _guard(self, trainer: Trainer, record: SpectrumRecord) -> None:
-        """After an increase, tell the scaling part to cap its factor at the measured edge."""
-        guarding, self._after_increase = self._guarding, False
+        """After an increase: the calibrated warning, and the cap at the measured edge."""
+        after_increase, guarding = self._after_increase, self._guarding
+        self._after_increase = False
+        if after_increase:
+            self._warn_after_increase(trainer, record)
         if not guarding or self._scaling is None:
             return
         capped = guard_factor(record.context.lr_factor, record.context.stability)
         if capped is not None:
             self._scaling.cap_factor(trainer, capped, record.context.stability or 1.0)
+
+    def _warn_after_increase(self, trainer: Trainer, record: SpectrumRecord) -> None:
+        """Log ``hessian/change_risk`` and warn once when it reaches 1 (monitoring/warning.py)."""
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        adaptive = is_adaptive(optimizer) if optimizer is not None else None
+        risk = change_risk(adaptive, record, self._before_change)
+        self._before_change = None
+        if risk is None or not math.isfinite(risk.ratio):
+            return
+        if trainer.is_global_zero:
+            log_metrics(trainer.loggers, {"hessian/change_risk": risk.ratio}, trainer.global_step)
+        if risk.ratio >= 1.0 and not self._risk_said:
+            self._risk_said = True
+            rank_zero_warn(
+                f"Step {record.step}: after the batch-size increase to {record.effective_batch_size}, "
+                f"{risk.signal} is {risk.value:.3g}, at or above {risk.threshold:.3g}, the threshold "
+                "that caught most failed continuations on the LR oracle (README, Stability). "
+                "Expect the loss to rise; lower the LR factor if it does. (Said once per run.)")
 
     # -- measuring --------------------------------------------------------------------------------
     def _part_due(self, part: str, every: int) -> bool:
