@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import report
 from benchmarks.run import _fewest, _parse_config
 
+pytestmark = pytest.mark.examples
 ROOT = Path(__file__).resolve().parents[1]
 
 

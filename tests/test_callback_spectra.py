@@ -55,6 +55,7 @@ def _fit_with(logger, tmp_path):
     return trainer, snap
 
 
+@pytest.mark.slow
 def test_csv_logged_lambda_max_matches_dense_reference(tmp_path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     trainer, snap = _fit_with(logger, tmp_path)
@@ -92,6 +93,7 @@ def test_load_spectra_says_why_it_found_nothing(tmp_path) -> None:
         assert load_spectra(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_the_spectra(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -165,6 +167,7 @@ def test_curvature_loss_method_is_used(tmp_path) -> None:
     assert WithCurvatureLoss.used == 2 and cb.monitor.measurements == 2
 
 
+@pytest.mark.slow
 def test_logged_critical_sharpness_matches_a_line_search_on_the_same_weights(tmp_path) -> None:
     from lr_batch_callback.engine.critical import LineLoss, critical_sharpness
 

@@ -14,6 +14,7 @@ from tests.reference import dense_hessian
 from tests.test_lanczos import MatrixOperator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp_tanh", "cnn_bn"])
 def test_density_integrates_to_one_and_mean_is_trace_over_p(name: str) -> None:
     model = make(name)

@@ -26,10 +26,13 @@ from tests import ddp_worker
 from tests.lightning_helpers import LRRecorder
 from tests.reference import dense_ggn, dense_hessian, eigvalsh
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+]
 
 WORKER = Path(ddp_worker.__file__)
 ROOT = WORKER.parent.parent

@@ -19,6 +19,7 @@ import torch
 
 from lr_batch_callback import SpectrumRecord, load_spectra
 
+pytestmark = pytest.mark.examples
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -45,7 +45,8 @@ def test_the_monitor_defaults_to_fastest_without_the_preconditioned_eigenproblem
     (nn.Tanh(), torch.float32, 1e-3, "exact"),  # tighter than float32 differences can give
     (nn.Tanh(), torch.float64, 1e-6, "finite_difference"),  # float64 differences are 1e-8 good
     (nn.Tanh(), torch.float64, 1e-8, "exact"),
-    (nn.ReLU(), torch.float32, 1e-2, "exact"),  # kinks: differences refused, exact used
+    pytest.param(nn.ReLU(), torch.float32, 1e-2, "exact",  # kinks: differences refused, exact used
+                 marks=pytest.mark.slow),
 ])
 def test_fastest_chooses_by_smoothness_and_tolerance(activation: nn.Module, dtype: torch.dtype,
                                                      tol: float, expected: str) -> None:

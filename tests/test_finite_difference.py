@@ -53,7 +53,8 @@ def _tanh_mlp(dropout: float = 0.0) -> tuple[nn.Module, tuple[torch.Tensor, torc
 
 
 # -- accuracy against the dense Hessian ----------------------------------------------------------
-@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "gpt" else n
+                                  for n in SMOOTH])
 def test_difference_eigenvalues_match_the_dense_hessian_on_smooth_zoo_models(name: str) -> None:
     case = ZOO[name]()
     before = snapshot(case.model)

@@ -23,10 +23,13 @@ from tests import fsdp_worker
 from tests.reference import dense_hessian, eigvalsh
 from tests.test_distributed import _env, _free_port, _Run
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+]
 WORKER = Path(fsdp_worker.__file__)
 
 

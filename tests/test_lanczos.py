@@ -14,6 +14,9 @@ from lr_batch_callback.engine.operators import CurvatureOperator
 from tests.models import ce_loss, classification_batch, make
 from tests.reference import dense_ggn, dense_hessian
 
+# The cases measured at more than 3 s on the two-core test machine (`make test-fast` skips them).
+SLOW_DENSE = {("hessian", "mlp_tanh"), ("hessian", "cnn_bn")}
+
 
 def MatrixOperator(A: torch.Tensor) -> CurvatureOperator:
     """A dense symmetric matrix as an operator (for tests of Lanczos itself)."""
@@ -24,8 +27,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
-@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_bn", "dropout", "frozen"])
-@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize(("curvature", "name"), [
+    pytest.param(c, n, id=f"{c}-{n}", marks=[pytest.mark.slow] if (c, n) in SLOW_DENSE else [])
+    for c in ("hessian", "ggn") for n in ("mlp_tanh", "cnn_bn", "dropout", "frozen")])
 def test_top3_and_bottom_match_dense_float64(name: str, curvature: str) -> None:
     model = make(name)
     x, y = classification_batch(name)
@@ -46,6 +50,7 @@ def test_top3_and_bottom_match_dense_float64(name: str, curvature: str) -> None:
     assert torch.all(res.eigenvalues[:-1] >= res.eigenvalues[1:])  # largest first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp_tanh", "cnn_bn"])
 def test_top3_float32_within_1e3(name: str) -> None:
     model64 = make(name)
@@ -56,6 +61,7 @@ def test_top3_float32_within_1e3(name: str) -> None:
     assert _relative(res.eigenvalues, exact[-3:].flip(0)) < 1e-3
 
 
+@pytest.mark.slow
 def test_smallest_only() -> None:
     model = make("mlp_tanh")
     batch = classification_batch("mlp_tanh")
@@ -64,6 +70,7 @@ def test_smallest_only() -> None:
     torch.testing.assert_close(res.eigenvalues, exact[:2].flip(0), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_eigenvectors_are_eigenvectors() -> None:
     A = torch.diag(torch.linspace(-1, 5, 60, dtype=torch.float64))
     Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
@@ -112,6 +119,7 @@ def test_no_two_step_trap() -> None:
     assert abs(res.eigenvalues[0].item() - 2.694) < 2.694 * 1e-4
 
 
+@pytest.mark.slow
 def test_check_every_gives_same_answer() -> None:
     Q, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64))
     A = Q @ torch.diag(torch.linspace(-2, 3, 100, dtype=torch.float64)) @ Q.T
@@ -137,6 +145,7 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
         lanczos(MatrixOperator(torch.eye(10, dtype=torch.float64)), **kwargs)
 
 
+@pytest.mark.slow
 def test_a_ggn_null_space_converges_at_zero_within_the_budget() -> None:
     # A GGN of rank 216 in 930 dimensions (batch 24 × 9 logit directions): λ_min is exactly 0,
     # under a continuum of small eigenvalues (2e-4 up), so a residual bound is unreachable at 0.

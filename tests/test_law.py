@@ -369,7 +369,6 @@ def test_default_ladder() -> None:
 
 
 def test_estimate_matches_dense_eigenvalues_of_the_same_sub_batches() -> None:
-    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     sizes, draws, seed = (8, 16, 32, 64, 128, 256), 3, 7
     rng_before = torch.get_rng_state()
@@ -392,7 +391,6 @@ def test_estimate_matches_dense_eigenvalues_of_the_same_sub_batches() -> None:
 
 
 def test_estimate_is_reproducible_with_a_seed() -> None:
-    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     runs = [
         estimate_batch_size_law(model, _ce, batch, batch_sizes=(16, 64, 256), draws=2, seed=3)
@@ -403,7 +401,6 @@ def test_estimate_is_reproducible_with_a_seed() -> None:
 
 
 def test_estimate_warns_when_lanczos_does_not_converge() -> None:
-    pytest.importorskip("lr_batch_callback.engine.estimate")
     model, batch = _tiny_problem()
     with pytest.warns(RuntimeWarning, match=r"4 of 4 Lanczos runs .* max_iter=3"):
         estimate_batch_size_law(

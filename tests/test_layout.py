@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lr_batch_callback
 
 PACKAGE = Path(lr_batch_callback.__file__).parent
 
 
+@pytest.mark.slow
 def test_lr_scaler_scaling_factor_and_the_engine_import_without_lightning() -> None:
     code = ("import sys, lr_batch_callback as lbc; lbc.LRScaler; lbc.scaling_factor; "
             "lbc.hessian_eigenvalues; lbc.MonitorConfig; lbc.SpectrumRecord; "
@@ -24,6 +27,7 @@ def test_lr_scaler_scaling_factor_and_the_engine_import_without_lightning() -> N
     assert out.stdout.strip() == "[]", out.stdout
 
 
+@pytest.mark.slow
 def test_the_callbacks_load_lightning_on_first_use() -> None:
     code = "import lr_batch_callback as lbc, sys; lbc.BatchSizeLRCallback; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -55,6 +59,7 @@ def test_modules_are_short_and_say_their_responsibility() -> None:
         assert doc and doc.splitlines()[0].strip(), f"{path} has no one-line responsibility"
 
 
+@pytest.mark.slow
 def test_no_public_callable_takes_more_than_ten_parameters() -> None:
     for name in lr_batch_callback.__all__:
         obj = getattr(lr_batch_callback, name)

@@ -108,6 +108,7 @@ def test_changing_the_rule_on_resume_is_announced(tmp_path, caplog) -> None:
 
 # -- 4. logged batch sizes say what they are ------------------------------------------------------
 
+@pytest.mark.slow
 def test_measured_samples_and_effective_batch_size_are_separate_keys(tmp_path) -> None:
     logger = MemoryLogger()
     cb = BatchSizeLRCallback(monitor_every_n_steps=1, monitor=QUIET,
@@ -127,6 +128,7 @@ def _monitored(tmp_path: Path, logger: Any) -> BatchSizeLRCallback:
     return cb
 
 
+@pytest.mark.slow
 def test_two_csv_runs_keep_their_own_spectra(tmp_path) -> None:
     a, b = CSVLogger(tmp_path, name="same"), CSVLogger(tmp_path, name="same")
     _monitored(tmp_path, a)
@@ -136,6 +138,7 @@ def test_two_csv_runs_keep_their_own_spectra(tmp_path) -> None:
     assert [r.step for r in load_spectra(b.log_dir)] == [2, 4]
 
 
+@pytest.mark.slow
 def test_mlflow_runs_get_the_spectra_as_artifacts(tmp_path, monkeypatch) -> None:
     pytest.importorskip("mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
@@ -161,22 +164,37 @@ def test_mlflow_runs_get_the_spectra_as_artifacts(tmp_path, monkeypatch) -> None
     assert not (tmp_path / "mlruns" / "spectra").exists()  # nothing in a folder shared by runs
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_gets_the_spectra_as_run_files(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.chdir(tmp_path)
     logger = WandbLogger(project="spectra", save_dir=str(tmp_path), offline=True)
+    run = logger.experiment
+    saved: list[tuple[str, dict[str, Any]]] = []
+    real_save = run.save
+
+    def spy(glob_str: str, *args: Any, **kwargs: Any) -> Any:
+        saved.append((glob_str, kwargs))
+        return real_save(glob_str, *args, **kwargs)
+
+    monkeypatch.setattr(run, "save", spy)  # the public API the library uploads files with
     _monitored(tmp_path, logger)
-    run_dir = Path(logger.experiment.dir)
-    logger.experiment.finish()
-    files = sorted(p.name for p in (run_dir / "spectra").glob("*.json"))
-    assert files == ["step_000000002_hessian.json", "step_000000004_hessian.json"]
-    # The run's own transaction log records the saved files (what `wandb sync` uploads).
-    log = next(run_dir.parent.glob("run-*.wandb")).read_bytes()
-    assert b"spectra/step_000000004_hessian.json" in log
+    files = Path(run.dir)
+    last = run.summary["hessian/lambda_max"]  # the run's summary: the last logged value
+    wandb.finish()  # flushes and closes the run: the files read below are complete on disk
+    assert files.name == "files" and files.parent.name.startswith("offline-run-")
+    names = ["step_000000002_hessian.json", "step_000000004_hessian.json"]
+    assert sorted(p.name for p in (files / "spectra").glob("*.json")) == names
+    records = load_spectra(files)
+    assert [r.step for r in records] == [2, 4] and all(math.isfinite(r.lambda_max) for r in records)
+    assert last == pytest.approx(records[-1].lambda_max, rel=1e-12)  # the same measurement
+    # Each file was saved with the run at once, relative to the run's files folder.
+    assert [Path(g).relative_to(files).as_posix() for g, _ in saved] == [f"spectra/{n}" for n in names]
+    assert all(kw.get("base_path") == str(files) and kw.get("policy") == "now" for _, kw in saved)
 
 
 # -- 6. batch_size_fn for custom batch objects ----------------------------------------------------
@@ -295,6 +313,7 @@ def test_schedule_resumes_without_lightnings_missing_callback_warning(tmp_path) 
     assert not [w for w in record if "BatchSizeSchedule" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_curvature_rule_prints_one_factor_line_per_change(tmp_path, caplog) -> None:
     cb = BatchSizeLRCallback(rule="curvature", monitor_every_n_steps=None,
                              loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))

@@ -19,7 +19,8 @@ def _dense_from_operator(op) -> torch.Tensor:
     return op.matmat(eye)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("mlp_tanh", "cnn_bn")
+                                  else n for n in MODEL_NAMES])
 def test_hessian_products_match_dense_reference(name: str) -> None:
     model = make(name)
     batch = classification_batch(name)
@@ -69,6 +70,7 @@ def test_batched_products_equal_single_products(curvature: str) -> None:
     torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_multi_batch_average_is_sample_weighted(curvature: str) -> None:
     model = make("mlp_tanh")

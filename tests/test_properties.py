@@ -55,6 +55,7 @@ def _mse(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.mse_loss(model(batch[0]), batch[1])
 
 
+@pytest.mark.slow
 @PROPERTY_SETTINGS
 @given(problem=mlp_problems())
 def test_lanczos_extremes_match_dense_eigvalsh(problem) -> None:

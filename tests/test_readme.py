@@ -24,6 +24,7 @@ def test_the_readme_has_python_blocks() -> None:
     assert len(BLOCKS) >= 5
 
 
+@pytest.mark.examples
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_every_python_block_runs_as_written(tmp_path, index: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MPLBACKEND="Agg")

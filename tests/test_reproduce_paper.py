@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.examples
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "reproduce_paper.py"
 TABLE_HEADER = ("| optimizer | rule | B | LR factor | LR | LR / LR_max(B) | LR / LR_max(B), peak | steps "

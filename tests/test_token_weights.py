@@ -74,6 +74,7 @@ def _top(model: nn.Module, loss_fn, batch, **options) -> tuple[Tensor, int | Non
     return res.eigenvalues, res.num_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch_size", [1, 3])
 def test_token_mean_lm_loss_micro_batched_equals_the_full_batch(micro_batch_size: int) -> None:
     model, batch = TinyForCausalLM(), _padded_batch()
@@ -88,6 +89,7 @@ def test_token_mean_lm_loss_micro_batched_equals_the_full_batch(micro_batch_size
     assert float((by_samples - full).abs().max()) > 1e-3 * float(full.abs().max())
 
 
+@pytest.mark.slow
 def test_hugging_face_lm_loss_micro_batched_equals_the_full_batch() -> None:
     """Llama's float32 RMSNorm and loss reduce in another order per micro-batch: 1e-6."""
     model, batch = _llama(), _padded_batch()
@@ -99,6 +101,7 @@ def test_hugging_face_lm_loss_micro_batched_equals_the_full_batch() -> None:
     assert float((by_samples - full).abs().max()) > 1e-3 * float(full.abs().max())
 
 
+@pytest.mark.slow
 def test_a_micro_batch_with_every_label_ignored_is_left_out() -> None:
     model, batch = TinyForCausalLM(), _padded_batch()
     batch["labels"][1] = -100  # no loss in this sequence: its token mean alone would be NaN
@@ -127,6 +130,7 @@ def _token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, 5), batch[1].reshape(-1))  # ignore_index=-100
 
 
+@pytest.mark.slow
 def test_split_batch_with_ignored_labels_and_unknown_weights_is_refused() -> None:
     torch.manual_seed(0)
     model = TokenClassifier().to(DTYPE)
@@ -157,6 +161,7 @@ def test_tokens_are_counted_with_the_shift_of_causal_models_only() -> None:
                      split=True)(batch)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Spectrum monitoring measures")
 def test_the_monitor_logs_samples_and_tokens() -> None:
     from lightning import LightningModule, Trainer

@@ -19,9 +19,16 @@ from lr_batch_callback.engine.estimate import OperatorOptions
 from tests.reference import assert_same_state, eigvalsh, snapshot, zoo_ggn, zoo_hessian
 from tests.zoo import ZOO
 
+# The cases `make test-fast` skips: measured on the two-core test machine at more than 3 s, or
+# (the last three) at 1.2-2 s, which the fast target's one-minute budget cannot spare.
+SLOW = {("resnet18", "hessian"), ("mobilenet_v3_small", "hessian"), ("gpt", "hessian"),
+        ("gpt", "ggn"), ("groupnorm_silu_cnn", "hessian"),
+        ("vision_transformer", "hessian"), ("transformer_encoder", "hessian"), ("resnet18", "ggn")}
 
-@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-@pytest.mark.parametrize("name", sorted(ZOO))
+
+@pytest.mark.parametrize(("name", "curvature"), [
+    pytest.param(n, c, id=f"{n}-{c}", marks=[pytest.mark.slow] if (n, c) in SLOW else [])
+    for n in sorted(ZOO) for c in ("hessian", "ggn")])
 def test_zoo_top3_and_bottom3_match_the_dense_reference(name: str, curvature: str) -> None:
     case = ZOO[name]()
     dense = zoo_hessian(case) if curvature == "hessian" else zoo_ggn(case)

@@ -60,7 +60,8 @@ class ZooModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
 
 
-@pytest.mark.parametrize("name", ["gpt", "vision_transformer", "lstm", "resnet18"])
+@pytest.mark.parametrize("name", ["gpt", "vision_transformer", "lstm",
+                                  pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_zoo_model_logs_lambda_max_in_a_trainer(tmp_path, name: str) -> None:
     seed_everything(0)
     logger = CSVLogger(tmp_path, name=name)

@@ -74,7 +74,8 @@ class SpectrumEstimate:
     Attributes:
         eigenvalues: the top-k eigenvalues, largest first.
         lambda_min: the most negative eigenvalue, when this measurement included it.
-        error_bounds: the error bound of each eigenvalue (``eigenvalues``, then ``lambda_min``).
+        error_bounds: the error bound of each value Lanczos was asked for: the top k, then, with
+            λ_min, the bottom k (largest first, so that the last one is λ_min's).
         converged: whether every eigenvalue met the tolerance.
         num_products: curvature-vector products (density included).
         seconds: wall time.
@@ -131,6 +132,10 @@ class TrainingContext:
     stability: float | None = None
     critical_ratio: float | None = None
     critical_ratio_update: float | None = None
+
+
+# Non-finite scalars are strings in the (strict) JSON files: how they are read back.
+_NON_FINITE_IN = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 @dataclass(frozen=True)
@@ -218,8 +223,9 @@ class SpectrumRecord:
         estimate["eigenvalues"] = [_finite_or_none(v) for v in self.estimate.eigenvalues]
         estimate["error_bounds"] = [_finite_or_none(v) for v in self.estimate.error_bounds]
         for key, value in (*estimate.items(), *data["context"].items()):
-            if isinstance(value, float) and math.isinf(value):  # strict JSON has no Infinity
-                (estimate if key in estimate else data["context"])[key] = "inf"
+            if isinstance(value, float) and not math.isfinite(value):  # strict JSON: no inf, NaN
+                text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+                (estimate if key in estimate else data["context"])[key] = text
         data["lambda_max"] = _finite_or_none(self.lambda_max)  # for readers of the raw file
         return data
 
@@ -237,9 +243,11 @@ class SpectrumRecord:
         estimate = dict(data["estimate"])
         estimate["eigenvalues"] = [_float_or_nan(v) for v in estimate["eigenvalues"]]
         estimate["error_bounds"] = [_float_or_nan(v) for v in estimate.get("error_bounds", [])]
-        context: dict[str, Any] = {key: math.inf if value == "inf" else value
+        context: dict[str, Any] = {key: _NON_FINITE_IN.get(value, value) if isinstance(value, str)
+                                   else value
                                    for key, value in data.get("context", {}).items()}
-        estimate = {key: math.inf if value == "inf" else value for key, value in estimate.items()}
+        estimate = {key: _NON_FINITE_IN.get(value, value) if isinstance(value, str) else value
+                    for key, value in estimate.items()}
         density = data.get("density")
         return cls(
             step=int(data["step"]), epoch=int(data["epoch"]), curvature=str(data["curvature"]),
