@@ -38,6 +38,7 @@ def test_guard_factor_is_the_factor_over_the_ratio_past_the_edge() -> None:
     assert guard_factor(8.0, math.nan) is None
 
 
+@pytest.mark.slow  # a Trainer run
 def test_an_increase_past_the_edge_is_capped_at_the_measured_edge() -> None:
     cb, module = _fit(guard=True, ramp={0: 8, 2: 64})
     record = cb.monitor.last
@@ -57,6 +58,7 @@ def test_an_increase_past_the_edge_is_capped_at_the_measured_edge() -> None:
     assert cb.scaling.state_dict()["guard_cap"] == pytest.approx(cap)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_without_the_guard_the_rule_factor_stands() -> None:
     cb, _ = _fit(guard=False, ramp={0: 8, 2: 64})
     assert cb.monitor.last is not None and cb.monitor.last.context.stability > 1
@@ -64,6 +66,7 @@ def test_without_the_guard_the_rule_factor_stands() -> None:
     assert cb.scaling.guard_cap is None
 
 
+@pytest.mark.slow  # a Trainer run
 def test_a_small_lr_is_not_capped() -> None:
     cb, _ = _fit(guard=True, ramp={0: 8, 2: 16}, lr=1e-3)
     assert cb.monitor.last is not None and cb.monitor.last.context.stability < 1
@@ -71,6 +74,7 @@ def test_a_small_lr_is_not_capped() -> None:
     assert cb.scaling.guard_cap is None
 
 
+@pytest.mark.slow  # a Trainer run
 def test_the_warning_after_an_increase_uses_the_absolute_form_without_a_prior_measurement() -> None:
     logger = MemoryLogger()
     with pytest.warns(UserWarning, match="after the batch-size increase to 64"):
@@ -81,6 +85,7 @@ def test_the_warning_after_an_increase_uses_the_absolute_form_without_a_prior_me
     assert risk == pytest.approx(record.context.stability / CALIBRATION[(False, False)][1])
 
 
+@pytest.mark.slow  # a Trainer run
 def test_the_warning_after_an_increase_compares_with_the_measurement_before_it() -> None:
     logger = MemoryLogger()
     cb, _ = _fit(guard=False, ramp={0: 8, 2: 64}, lr=0.01, every=4, logger=logger)

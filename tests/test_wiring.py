@@ -52,6 +52,7 @@ def test_the_combined_callback_forwards_every_callback_hook_to_both_parts() -> N
     assert second.calls == hooks
 
 
+@pytest.mark.slow  # a Trainer run
 def test_the_monitor_reads_the_batch_size_and_lr_from_the_scaling_part() -> None:
     module = TinyModule(batch_size=16)
     cb = BatchSizeLRCallback(rule="linear", reference_batch_size=8, monitor_every_n_steps=2,
@@ -65,6 +66,7 @@ def test_the_monitor_reads_the_batch_size_and_lr_from_the_scaling_part() -> None
     assert record.context.lr == pytest.approx(module.lr * 2.0)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_separate_parts_find_each_other_through_the_trainer() -> None:
     module = TinyModule(batch_size=16, optimizer="adamw", lr=1e-3)
     scaling = BatchSizeLRScaling(rule="sqrt", reference_batch_size=4, verbose=False)
@@ -76,6 +78,7 @@ def test_separate_parts_find_each_other_through_the_trainer() -> None:
     assert record.context.lr == pytest.approx(1e-3 * 2.0)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_a_monitor_alone_reports_the_optimizer_lr_and_factor_one() -> None:
     module = TinyModule(batch_size=16, lr=0.03)
     monitor = SpectrumMonitor(every_n_steps=2, config=FAST)
@@ -85,6 +88,7 @@ def test_a_monitor_alone_reports_the_optimizer_lr_and_factor_one() -> None:
     assert monitor.last.context.lr == pytest.approx(0.03)
 
 
+@pytest.mark.slow  # a Trainer run
 def test_factors_have_one_owner_and_survive_the_end_of_fit() -> None:
     module = TinyModule(batch_size=16)
     scaling = BatchSizeLRScaling(rule="linear", reference_batch_size=32, verbose=False)
