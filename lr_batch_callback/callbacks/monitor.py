@@ -15,7 +15,6 @@ crashed run.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any
 
@@ -31,13 +30,13 @@ from typing_extensions import override
 from lr_batch_callback._checks import check_bool, check_callable, check_integer
 from lr_batch_callback.callbacks.base import StableCallback
 from lr_batch_callback.callbacks.batch_size import BatchSizeReader
+from lr_batch_callback.callbacks.increase import IncreaseWatch
 from lr_batch_callback.callbacks.loggers import log_metrics, publish_record, spectra_directories
 from lr_batch_callback.callbacks.loss import resolve_loss
 from lr_batch_callback.callbacks.scaling import BatchSizeLRScaling
 from lr_batch_callback.engine.batching import BatchSizeFn
 from lr_batch_callback.engine.operators import LossFn
 from lr_batch_callback.monitoring.budget import Budget, Plan
-from lr_batch_callback.monitoring.guard import guard_factor
 from lr_batch_callback.monitoring.measurement import (
     MonitorConfig,
     Parts,
@@ -45,8 +44,6 @@ from lr_batch_callback.monitoring.measurement import (
     measure_spectrum,
 )
 from lr_batch_callback.monitoring.record import SpectrumRecord
-from lr_batch_callback.monitoring.warning import change_risk
-from lr_batch_callback.scaling.optimizers import is_adaptive
 
 __all__ = ["SpectrumMonitor"]
 
@@ -135,12 +132,10 @@ class SpectrumMonitor(StableCallback):
         self._scaling: BatchSizeLRScaling | None = None  # where the LR (and batch size) come from
         self._told = False  # the scaling part was given by use_scaling, not found at fit
         self._measure_next = False
-        self._after_increase = False  # the next measurement is the first after an increase
-        self._before_change: SpectrumRecord | None = None  # the last record at the old size
+        self._increase = IncreaseWatch()
         self._destinations: list[Any] = []
         self._warnings = WarningCache()
         self._stretch_said = False
-        self._risk_said = False
 
     # -- state ------------------------------------------------------------------------------------
     @override
@@ -205,8 +200,7 @@ class SpectrumMonitor(StableCallback):
         current = self._read_batch_size(trainer, pl_module)
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change
-            self._after_increase = current > self._effective
-            self._before_change = self.last if current > self._effective else None
+            self._increase.changed(self._effective, current, self.last)
         self._effective = current
 
     @override
@@ -224,7 +218,7 @@ class SpectrumMonitor(StableCallback):
         wanted = (self._part_due("lambda_min", self.config.lambda_min_every),
                   self._part_due("density", self.config.density_every))
         plan = self.budget.plan(*wanted)
-        if self._guarding and not plan.run:
+        if self._increase.pending and self.config.guard and self._scaling is not None and not plan.run:
             # The guard needs the curvature at the new size: λ_max alone, whatever the budget.
             plan = Plan(run=True)
         if trainer.world_size > 1:
@@ -234,42 +228,6 @@ class SpectrumMonitor(StableCallback):
             self._skip(trainer, over_budget=True)
             return
         self._measure(trainer, pl_module, batch, plan.parts)
-
-    # -- the guard on batch-size increases --------------------------------------------------------
-    @property
-    def _guarding(self) -> bool:
-        """Whether the coming measurement decides the guard (the first after an increase)."""
-        return self._after_increase and self.config.guard and self._scaling is not None
-
-    def _guard(self, trainer: Trainer, record: SpectrumRecord) -> None:
-        """After an increase: the calibrated warning, and the cap at the measured edge."""
-        after_increase, guarding = self._after_increase, self._guarding
-        self._after_increase = False
-        if after_increase:
-            self._warn_after_increase(trainer, record)
-        if not guarding or self._scaling is None:
-            return
-        capped = guard_factor(record.context.lr_factor, record.context.stability)
-        if capped is not None:
-            self._scaling.cap_factor(trainer, capped, record.context.stability or 1.0)
-
-    def _warn_after_increase(self, trainer: Trainer, record: SpectrumRecord) -> None:
-        """Log ``hessian/change_risk`` and warn once when it reaches 1 (monitoring/warning.py)."""
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        adaptive = is_adaptive(optimizer) if optimizer is not None else None
-        risk = change_risk(adaptive, record, self._before_change)
-        self._before_change = None
-        if risk is None or not math.isfinite(risk.ratio):
-            return
-        if trainer.is_global_zero:
-            log_metrics(trainer.loggers, {"hessian/change_risk": risk.ratio}, trainer.global_step)
-        if risk.ratio >= 1.0 and not self._risk_said:
-            self._risk_said = True
-            rank_zero_warn(
-                f"Step {record.step}: after the batch-size increase to {record.effective_batch_size}, "
-                f"{risk.signal} is {risk.value:.3g}, at or above {risk.threshold:.3g}, the threshold "
-                "that caught most failed continuations on the LR oracle (README, Stability). "
-                "Expect the loss to rise; lower the LR factor if it does. (Said once per run.)")
 
     # -- measuring --------------------------------------------------------------------------------
     def _part_due(self, part: str, every: int) -> bool:
@@ -320,7 +278,7 @@ class SpectrumMonitor(StableCallback):
             return
         self._account(record, cost, parts)
         self.last = record
-        self._guard(trainer, record)
+        self._increase.measured(trainer, record, self.config.guard, self._scaling)
         self._show(pl_module, record)
         ratio = record.context.stability
         if ratio is not None and ratio > 1.0:
