@@ -157,3 +157,16 @@ def test_monitor_under_model_parallel_strategy_logs_the_critical_sharpness(light
         assert metrics["hessian/critical_sharpness_update"] == pytest.approx(update, rel=0.05)
         assert metrics["hessian/critical_ratio"] == pytest.approx(
             1e-2 * metrics["hessian/critical_sharpness"] / 2)
+
+
+def test_the_line_search_moves_the_root_groups_parameters_too() -> None:
+    import subprocess
+
+    worker = Path(__file__).with_name("fsdp_root_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(_free_port())], capture_output=True,
+                          text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["sharded"] == pytest.approx(out["dense"], rel=1e-12)
+    assert out["sharded"] != pytest.approx(out["dense_head_frozen"], rel=1e-6)
+    assert out["root_param_is_dtensor_after"] == "DTensor"  # resharded when the search ends

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import pytest
-from lightning.pytorch import Trainer
+from lightning.pytorch import Trainer, seed_everything
 
 from lr_batch_callback import BatchSizeLRCallback, MonitorConfig
 from lr_batch_callback.callbacks import BatchSizeRamp
@@ -19,6 +19,7 @@ MOMENTUM = 0.9  # TinyModule's SGD
 
 def _fit(guard: bool, ramp: dict[int, int], lr: float = 0.5, steps: int = 12, every: int = 1000,
          logger: Any = False) -> tuple[BatchSizeLRCallback, TinyModule]:
+    seed_everything(0)  # the initialisation decides how far past the edge the factor lands
     module = TinyModule(batch_size=8, lr=lr, n=512)
     cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=every, verbose=False,
                              monitor=MonitorConfig(guard=guard, critical_sharpness=False,
@@ -98,3 +99,35 @@ def test_the_warning_after_an_increase_compares_with_the_measurement_before_it()
     # LR × λ_max after over before = the ratio of the stability ratios (same momentum).
     expected = stability[after] / stability[before] / CALIBRATION[(False, True)][1]
     assert risk == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_restored_cap_applies_only_at_the_size_it_was_measured_at() -> None:
+    from lr_batch_callback.callbacks import BatchSizeLRScaling
+
+    state = {"reference_batch_size": 8, "guard_cap": 0.25, "guard_cap_batch_size": 64}
+    for size, expected in ((64, [0.25]), (8, [1.0])):
+        scaling = BatchSizeLRScaling(rule="linear", verbose=False)
+        scaling.load_state_dict(state)
+        module = TinyModule(batch_size=size, lr=0.01)
+        Trainer(max_steps=1, callbacks=[scaling], logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False,
+                accelerator="cpu").fit(module)
+        factor = min(size / 8, 0.25) if expected == [0.25] else size / 8
+        assert scaling.factors == [pytest.approx(factor)]
+
+
+@pytest.mark.slow  # a Trainer run
+def test_no_measurement_right_after_the_change_means_no_guard_and_no_warning() -> None:
+    seed_everything(0)
+    module = TinyModule(batch_size=8, lr=0.5, n=512)
+    cb = BatchSizeLRCallback(rule="linear", monitor_every_n_steps=11, verbose=False,
+                             monitor_on_batch_size_change=False,
+                             monitor=MonitorConfig(critical_sharpness=False, density_every=0,
+                                                   save_spectra=False, max_overhead=None))
+    logger = MemoryLogger()
+    Trainer(max_steps=12, callbacks=[BatchSizeRamp({0: 8, 2: 64}), cb], logger=logger,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu").fit(module)
+    assert cb.monitor.last is not None and cb.monitor.last.step == 11
+    assert cb.factors == [8.0]
+    assert not logger.values("hessian/change_risk")

@@ -44,6 +44,7 @@ from lr_batch_callback.monitoring.measurement import (
     measure_spectrum,
 )
 from lr_batch_callback.monitoring.record import SpectrumRecord
+from lr_batch_callback.scaling.optimizers import is_adaptive
 
 __all__ = ["SpectrumMonitor"]
 
@@ -183,6 +184,8 @@ class SpectrumMonitor(StableCallback):
         self.start_steps(trainer)
         if not self._told:
             self._scaling = _scaling_among(trainer.callbacks)  # type: ignore[attr-defined]
+        if self._scaling is not None and (not self.config.guard or self.every_n_steps is None):
+            self._scaling.drop_cap(trainer)  # a cap restored from a checkpoint, now unwanted
         self._effective = self._read_batch_size(trainer, pl_module)
         self.budget.start(trainer.global_step)
         # Files and artifacts are for real runs with a logger (logger=False: no files), written by
@@ -200,7 +203,8 @@ class SpectrumMonitor(StableCallback):
         current = self._read_batch_size(trainer, pl_module)
         if current is not None and self._effective is not None and current != self._effective:
             self._measure_next = self.on_batch_size_change
-            self._increase.changed(self._effective, current, self.last)
+            if self.on_batch_size_change:  # the warning and guard need the measurement right after
+                self._increase.changed(self._effective, current, self.last)
         self._effective = current
 
     @override
@@ -218,7 +222,7 @@ class SpectrumMonitor(StableCallback):
         wanted = (self._part_due("lambda_min", self.config.lambda_min_every),
                   self._part_due("density", self.config.density_every))
         plan = self.budget.plan(*wanted)
-        if self._increase.pending and self.config.guard and self._scaling is not None and not plan.run:
+        if self._increase.pending and self._guard_can_bind(trainer) and not plan.run:
             # The guard needs the curvature at the new size: λ_max alone, whatever the budget.
             plan = Plan(run=True)
         if trainer.world_size > 1:
@@ -228,6 +232,13 @@ class SpectrumMonitor(StableCallback):
             self._skip(trainer, over_budget=True)
             return
         self._measure(trainer, pl_module, batch, plan.parts)
+
+    def _guard_can_bind(self, trainer: Trainer) -> bool:
+        """Whether the guard can act on the coming measurement (it needs a stability ratio)."""
+        if not (self.config.guard and self._scaling is not None and trainer.optimizers):
+            return False
+        adaptive = is_adaptive(trainer.optimizers[0])
+        return adaptive is False or (bool(adaptive) and self.config.preconditioned_sharpness)
 
     # -- measuring --------------------------------------------------------------------------------
     def _part_due(self, part: str, every: int) -> bool:

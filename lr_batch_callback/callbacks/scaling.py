@@ -110,6 +110,7 @@ class BatchSizeLRScaling(StableCallback):
         self.effective_batch_size: int | None = None
         self._applied = False  # whether a factor was set on the scalers this fit
         self.guard_cap: float | None = None  # the first optimizer's factor cap, until a change
+        self._guard_cap_size: int | None = None  # the size a restored cap was measured at
         self._guard_said = False
         self._effective_lrs: list[list[float]] = []
         self._rules: list[ScalingRule] = []
@@ -130,6 +131,8 @@ class BatchSizeLRScaling(StableCallback):
             "rule": self.rule_names or [_rule_name(self.rule)],
             "law": self.law.to_dict() if self.law is not None else None,
             "guard_cap": self.guard_cap,
+            # The size the cap was measured at: a resume at another size drops it.
+            "guard_cap_batch_size": self.effective_batch_size if self.guard_cap is not None else None,
         }
 
     @override
@@ -138,8 +141,9 @@ class BatchSizeLRScaling(StableCallback):
             self.reference_batch_size = int(state_dict["reference_batch_size"])
         if state_dict.get("law"):
             self.law = BatchSizeLaw.from_dict(state_dict["law"])
-        cap = state_dict.get("guard_cap")
+        cap, size = state_dict.get("guard_cap"), state_dict.get("guard_cap_batch_size")
         self.guard_cap = float(cap) if cap is not None else None
+        self._guard_cap_size = int(size) if size is not None else None
         rule = state_dict.get("rule")
         self._restored_rule = ",".join(rule) if isinstance(rule, list) else rule
 
@@ -288,8 +292,8 @@ class BatchSizeLRScaling(StableCallback):
             return
         changed = self.effective_batch_size is not None
         self.effective_batch_size = current
-        if changed:
-            self.guard_cap = None  # a new size: the next measurement decides again
+        if changed or (start and current != self._guard_cap_size):
+            self.guard_cap = None  # a new size (or a resume at another): measured again
         if changed and OnlineLaw.wanted(self._rules):
             self._law.due = True
             if self._law.ready:
@@ -333,6 +337,14 @@ class BatchSizeLRScaling(StableCallback):
                 "(logged as lr_batch/guard_cap). MonitorConfig(guard=False) turns the guard off. "
                 "(Said once.)")
         self._apply(trainer, announce=True)
+
+    def drop_cap(self, trainer: Trainer) -> None:
+        """Lift the guard's cap (the monitor's guard is off); the rule's factor applies again."""
+        if self.guard_cap is None:
+            return
+        self.guard_cap = None
+        if self._applied:
+            self._apply(trainer, announce=True)
 
     def scaling_metrics(self) -> dict[str, float]:
         """The fixed-key LR metrics: ``lr_batch/*`` (see the README)."""

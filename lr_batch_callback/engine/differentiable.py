@@ -22,11 +22,10 @@ them back afterwards. Non-reentrant checkpoints re-run their forward inside the 
 the substitutes must also be in force during every product, not only the graph build (the
 operators of :mod:`~lr_batch_callback.engine.operators` re-enter this context for each one).
 The substitutions are exact: the forward values are the same functions,
-only the kernels differ. The Python-level substitutes are per thread: while a block runs, the
-patched module attributes dispatch on the calling thread, so a thread that is not inside the
-block keeps the originals. The kernel switches (math attention, cuDNN off) are torch's
-process-wide backend flags: a thread running meanwhile computes the same functions on the math
-kernels.
+only the kernels differ. They are process-wide while a block runs, like torch's own backend
+flags (math attention, cuDNN off): autograd's device threads, where checkpoints recompute, must
+see them too. Concurrent and nested blocks are safe (the first to enter installs, the last to
+leave restores, under a lock); a thread running meanwhile computes the same functions.
 
 :func:`explain_missing_double_backward` turns PyTorch's raw "derivative for ... is not
 implemented" into an error that names the operation and what to do;
@@ -85,31 +84,31 @@ def _dense(original: Any, sparse_position: int) -> Any:
     return call
 
 
-class _ThreadScopedPatches:
-    """Module attributes that call a substitute only in threads inside :func:`twice_differentiable`.
+class _SharedPatches:
+    """Module attributes replaced by substitutes while any thread is inside the block.
 
-    While at least one thread is inside the block, each patched attribute holds a dispatcher that
-    calls the substitute when the calling thread is inside the block and the original otherwise,
-    so a thread that is training meanwhile keeps the original kernels. The attributes are
-    installed by the first thread to enter and restored by the last one to leave (a lock orders
-    the two), and an attribute the owner only inherited (a classmethod of a base class) is
-    deleted again rather than copied onto the owner.
+    The substitutes must be in force in *every* thread while a block runs: autograd runs the
+    backward of CUDA tensors on its own device threads, and a non-reentrant checkpoint re-runs its
+    forward there, so a per-thread switch would give those recomputations the originals (a
+    silently wrong product). The patching is made safe across threads instead: the attributes
+    are installed by the first thread to enter and restored by the last one to leave (a lock
+    orders the two, nested and concurrent blocks included), and an attribute the owner only
+    inherited (a classmethod of a base class) is deleted again rather than copied onto the owner.
+    A thread that trains meanwhile computes the same functions through the substitutes.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
-        self._inside = threading.local()
         self._saved: list[tuple[Any, str, bool, Any]] = []  # owner, name, own, original
 
     def active(self) -> bool:
-        """Whether the calling thread is inside the block."""
-        return bool(getattr(self._inside, "depth", 0))
+        """Whether some thread is inside the block (the substitutes are then in force)."""
+        return self._users > 0
 
     @contextlib.contextmanager
     def scope(self, targets: Callable[[], list[tuple[Any, str, Any]]]) -> Iterator[None]:
-        """Put the substitutes of ``targets()`` (owner, name, substitute) in force for this thread."""
-        self._inside.depth = getattr(self._inside, "depth", 0) + 1
+        """Put the substitutes of ``targets()`` (owner, name, substitute) in force while inside."""
         with self._lock:
             if self._users == 0:
                 self._install(targets())
@@ -121,7 +120,6 @@ class _ThreadScopedPatches:
                 self._users -= 1
                 if self._users == 0:
                     self._restore()
-            self._inside.depth -= 1
 
     def _install(self, targets: list[tuple[Any, str, Any]]) -> None:
         for owner, name, substitute in targets:
@@ -148,7 +146,7 @@ class _ThreadScopedPatches:
         self._saved.clear()
 
 
-_PATCHES = _ThreadScopedPatches()
+_PATCHES = _SharedPatches()
 
 
 def _non_reentrant(function: Any, preserve_rng_state: bool, *args: Any) -> Any:

@@ -181,6 +181,31 @@ class ShardedLineLoss(LineLoss):
     def _tensors(self) -> list[Tensor]:
         return self._locals
 
+    def loss_at(self, direction: Sequence[Tensor], eta: float) -> float:
+        """The loss at θ0 + ηd; every FSDP2 group is resharded after the forward.
+
+        A no-grad forward leaves the root group unsharded (``reshard_after_forward`` is off for
+        it by default), and the next forward would reuse its gathered copy of θ0 instead of the
+        moved shards: resharding makes every forward gather the shards as they are.
+        """
+        try:
+            return super().loss_at(direction, eta)
+        finally:
+            self._reshard()
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._reshard()
+
     def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
         """The dot product of two sharded vectors: local rows, summed over the ranks."""
         total = torch.tensor([super().dot(a, b)], dtype=torch.float64, device=self._locals[0].device)

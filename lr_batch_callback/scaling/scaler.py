@@ -89,7 +89,8 @@ class LRScaler:
     def attached_to(optimizer: Any) -> LRScaler | None:
         """The scaler currently hooked into ``optimizer`` (the latest one), or ``None``.
 
-        Lets code that only sees the optimizer (a monitor, a logger) read the LR a step uses.
+        Lets user code that only sees the optimizer read the LR a step uses (the package's own
+        monitor is told about its scaling part instead).
         """
         scaler = _ATTACHED.get(unwrap_optimizer(optimizer))
         return scaler if scaler is not None and scaler.attached else None
