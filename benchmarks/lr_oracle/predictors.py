@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.lr_oracle.rules import ADAM_THRESHOLD, SGD_THRESHOLD
+from benchmarks.lr_oracle.rules import ADAM_THRESHOLD, FIXED, SGD_THRESHOLD
 
 HIT_TARGET = 0.9
 FALSE_ALARM_TARGET = 0.1
@@ -209,7 +209,6 @@ def best_signal(scores: dict[str, Any], kind: str) -> str | None:
     return max(common, key=lambda s: common[s]["worst_margin"])
 
 
-FIXED = {"sgd": "linear", "adam": "sqrt"}
 CLOSER = 0.25  # octaves: a cell moved by less is "the same"
 
 

@@ -371,20 +371,21 @@ class BatchSizeLRScaling(StableCallback):
         The bar keeps the last value it was given, so the factor is logged (to the bar only) when
         it is new to the bar: a run shorter than ``log_every_n_steps`` still shows it.
         """
-        if not self._attached or not self.factors:
+        factors = self.factors  # read from the scalers once per step
+        if not self._attached or not factors:
             return
-        # Only on the steps Lightning writes logs: ``self.log`` costs about a millisecond, a
-        # quarter of a small model's training step.
+        # Only on the steps Lightning writes logs: ``self.log`` is dear next to a small model's
+        # training step.
         connector = getattr(trainer, "_logger_connector", None)
         logging_step = connector is None or connector.should_update_logs
-        if not logging_step and self.factors[0] == self._shown_factor:
+        if not logging_step and factors[0] == self._shown_factor:
             return
         try:
             if logging_step:
                 self._log_lrs(pl_module)
-            pl_module.log("lr_factor", self.factors[0], on_step=True, on_epoch=False,
+            pl_module.log("lr_factor", factors[0], on_step=True, on_epoch=False,
                           prog_bar=True, logger=False)
-            self._shown_factor = self.factors[0]
+            self._shown_factor = factors[0]
         except Exception:  # a loop without logging support: nothing to show
             pass
 

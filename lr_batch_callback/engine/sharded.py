@@ -31,7 +31,7 @@ Nothing of the parameters is gathered beyond the forward passes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,26 @@ class _Rows:
         width = param.numel() // max(rows, 1)
         self.begin, self.end = offset + start * width, offset + (start + self.local.shape[0]) * width
         self.numel = param.numel()
+
+
+def _local_gradient(params: Sequence[Tensor], locals_: Sequence[Tensor],
+                    backward: Callable[[], None]) -> Tensor:
+    """This rank's rows of the gradient that ``backward()`` accumulates, flat; ``.grad`` kept.
+
+    Each parameter's ``.grad`` is set aside before and put back after (the same tensor objects),
+    so the gradient read here is only what ``backward`` computed (reduce-scattered by FSDP2).
+    """
+    kept = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        backward()
+        parts = [p.grad.to_local() if p.grad is not None  # type: ignore[attr-defined]
+                 else torch.zeros_like(local) for p, local in zip(params, locals_, strict=True)]
+        return torch.cat([g.reshape(-1) for g in parts])
+    finally:
+        for p, grad in zip(params, kept, strict=True):
+            p.grad = grad
 
 
 class ShardedFiniteDifferenceHessian(FiniteDifferenceHessian):
@@ -140,22 +160,14 @@ class ShardedFiniteDifferenceHessian(FiniteDifferenceHessian):
 
     def _weighted_gradient(self, index: int, batch: Any) -> Tensor:
         """This rank's rows of :math:`w_i`-weighted global gradient of micro-batch ``index``."""
-        params = self.params
-        kept = [p.grad for p in params]
-        try:
-            for p in params:
-                p.grad = None
+
+        def backward() -> None:
             loss = self._loss(batch)
             self._check_smooth(loss, None)
             # FSDP2 averages gradients over the ranks: scaling by W·w_i makes the sum Σ w_i g_i.
             torch.autograd.backward(loss * (self._world * self.weights[index]))
-            parts = [p.grad.to_local() if p.grad is not None  # type: ignore[attr-defined]
-                     else torch.zeros_like(r.local)
-                     for p, r in zip(params, self._rows, strict=True)]
-            return torch.cat([g.reshape(-1) for g in parts]).to(self.dtype)
-        finally:
-            for p, grad in zip(params, kept, strict=True):
-                p.grad = grad
+
+        return _local_gradient(self.params, [r.local for r in self._rows], backward).to(self.dtype)
 
 
 class ShardedLineLoss(LineLoss):
@@ -223,18 +235,12 @@ class ShardedLineLoss(LineLoss):
                 for part, t in zip(torch.split(flat, sizes), self._locals, strict=True)]
 
     def _backward(self) -> Tensor:
-        # FSDP2 averages gradients over the ranks: scaling by W makes the sum the weighted one.
-        kept = [p.grad for p in self.params]
-        try:
-            for p in self.params:
-                p.grad = None
+        def backward() -> None:
             self._replay()
             for batch, weight in zip(self.batches, self.weights, strict=True):
+                # FSDP2 averages gradients over the ranks: scaling by W makes the sum the weighted one.
                 torch.autograd.backward(self.loss_fn(self.model, batch) * (weight * self._world))
-            self.passes += len(self.batches)
-            parts = [p.grad.to_local() if p.grad is not None  # type: ignore[attr-defined]
-                     else torch.zeros_like(t) for p, t in zip(self.params, self._locals, strict=True)]
-            return torch.cat([g.reshape(-1) for g in parts])
-        finally:
-            for p, grad in zip(self.params, kept, strict=True):
-                p.grad = grad
+
+        flat = _local_gradient(self.params, self._locals, backward)
+        self.passes += len(self.batches)
+        return flat
